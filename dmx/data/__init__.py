@@ -1,0 +1,3 @@
+"""Data: generators and readers for DiffMask experiments."""
+
+from dmx.data.toy import ToyData, generate_toy_data, ground_truth_attribution, iterate_batches, split_toy_data

@@ -1,0 +1,107 @@
+"""DiffMask's constrained objective: divergences, sparsity terms, the Lagrangian.
+
+DiffMask solves ``min_{probe, baseline} L0(z)  s.t.  D[y || y_hat] <= margin``
+through the Lagrangian ``sum_l lambda_l * (D - margin) + L0``, minimised over
+the probe and maximised over ``lambda >= 0`` (paper eq. 6). Everything here is
+a pure function of arrays, batched over the leading ``batch`` axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DIVERGENCES = ('kl', 'squared_error')
+SPARSITY_LOSSES = ('log_l0', 'l0')
+
+
+def kl_divergence(reference_logits: jax.Array, other_logits: jax.Array) -> jax.Array:
+  """``KL(softmax(reference) || softmax(other))`` over the last axis.
+
+  Safe for ``-inf`` logits (masked padding, as in extractive QA): classes with
+  zero reference probability contribute exactly 0, with a finite gradient.
+
+  Args:
+    reference_logits: ``(..., classes)``, the clean model's output ``y``.
+    other_logits: ``(..., classes)``, the masked model's output ``y_hat``.
+
+  Returns:
+    ``(...)`` float32 divergences in nats.
+  """
+  reference_logits = reference_logits.astype(jnp.float32)
+  other_logits = other_logits.astype(jnp.float32)
+  reference_log_probs = jax.nn.log_softmax(reference_logits, axis=-1)
+  other_log_probs = jax.nn.log_softmax(other_logits, axis=-1)
+  support = reference_log_probs > -jnp.inf
+  # double where: keeps -inf - -inf = nan out of both the value and the gradient
+  safe_reference = jnp.where(support, reference_log_probs, 0.0)
+  safe_other = jnp.where(support, other_log_probs, 0.0)
+  terms = jnp.where(support, jnp.exp(safe_reference) * (safe_reference - safe_other), 0.0)
+  return jnp.sum(terms, axis=-1)
+
+
+def squared_error(reference_outputs: jax.Array, other_outputs: jax.Array) -> jax.Array:
+  """Mean squared difference over the last axis, for outputs without a likelihood.
+
+  ``(..., outputs), (..., outputs) -> (...)``.
+  """
+  difference = reference_outputs.astype(jnp.float32) - other_outputs.astype(jnp.float32)
+  return jnp.mean(jnp.square(difference), axis=-1)
+
+
+def output_divergence(kind: str, reference_outputs: jax.Array,
+                      other_outputs: jax.Array) -> jax.Array:
+  """Per-example divergence ``D[y || y_hat]``: ``(batch, ..., classes) -> (batch,)``.
+
+  Any axes between batch and classes (QA's start and end heads) are summed,
+  so D = KL(start) + KL(end) for a ``(batch, 2, seq)`` QA output.
+  """
+  if kind == 'kl':
+    per_head = kl_divergence(reference_outputs, other_outputs)
+  elif kind == 'squared_error':
+    per_head = squared_error(reference_outputs, other_outputs)
+  else:
+    raise ValueError(f'unknown divergence {kind!r}; choose one of {DIVERGENCES}')
+  return per_head.reshape(per_head.shape[0], -1).sum(axis=-1)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of ``values`` over the last axis where ``mask`` is true.
+
+  ``(batch, seq), (batch, seq) -> (batch,)``; an all-false row gives 0, not NaN.
+  """
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(values * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def sparsity_loss(kind: str, log_keep_prob: jax.Array, mask: jax.Array) -> jax.Array:
+  """Per-example sparsity term from ``log P(z_i != 0)``.
+
+  Args:
+    kind: ``'log_l0'``, the original code's mean of ``log P(z != 0)`` over
+      tokens (its parity default), or ``'l0'``, the paper's expected L0: the
+      mean of ``P(z != 0)`` over tokens.
+    log_keep_prob: ``(batch, seq)`` log-probability that each gate is open.
+    mask: ``(batch, seq)`` true on real tokens.
+
+  Returns:
+    ``(batch,)`` sparsity losses.
+  """
+  if kind == 'log_l0':
+    return masked_mean(log_keep_prob, mask)
+  if kind == 'l0':
+    return masked_mean(jnp.exp(log_keep_prob), mask)
+  raise ValueError(f'unknown sparsity loss {kind!r}; choose one of {SPARSITY_LOSSES}')
+
+
+def lagrangian(multiplier: jax.Array, divergence: jax.Array, margin: float,
+               sparsity: jax.Array) -> jax.Array:
+  """``mean_batch(lambda * (D - margin) + sparsity)``, the saddle-point objective.
+
+  Args:
+    multiplier: scalar ``lambda >= 0`` of the layer being trained.
+    divergence: ``(batch,)`` output divergences.
+    margin: tolerated divergence ``m``.
+    sparsity: ``(batch,)`` sparsity losses.
+  """
+  return jnp.mean(multiplier * (divergence - margin) + sparsity)

@@ -1,0 +1,237 @@
+"""DiffMask probes: per-token vote logits from a frozen model's states, and baselines.
+
+A probe ``g`` reads the clean pass's states ``h0..hL`` (one array per state,
+``(batch, seq, dim_k)``, dims may differ between states) and gives every token
+one vote logit per state: ``(num_states, batch, seq)``. Votes become gates
+through a Hard Concrete sample:
+
+* input gate at depth ``l``: ``z = prod_{k <= l} v(k)`` masks the input ``h0``
+  (paper eq. 2); ``log P(z != 0) = sum_{k <= l} log P(v(k) != 0)``;
+* hidden gate at depth ``l``: ``z = v(l)`` masks the state ``h_l`` (eq. 3).
+
+A masked state is ``z * h + (1 - z) * baseline`` with a learned baseline vector
+(one for the input, one per state for hidden gates).
+
+Two vote forms are offered, both reading ``[x_i; h_i]`` where ``x`` is the
+input ``h0`` (input gates) or ``h_k`` itself (hidden gates):
+
+* ``'mlp'``, the original code's default gate:
+  ``scale * tanh(Dense(1)(tanh(Dense(hidden)([x_i; h_i])))) + bias``, logits
+  bounded to ``initial_logit +- scale`` (5 +- 10), so gates start open
+  (P(z != 0) ~ 0.995) and can never saturate beyond recovery;
+* ``'bilinear'``, the paper's appendix A: ``x_i^T W1 h_i + W2 [x_i; h_i] + b``
+  with ``b`` starting at ``initial_logit``, and input-gate logits averaged with
+  the earlier layers' (eq. 9).
+
+(The original also wraps its Dense layers in weight normalisation; dmx does not.)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dmx import hard_concrete
+
+GATES = ('input', 'hidden')
+VOTE_FORMS = ('mlp', 'bilinear')
+
+
+class MlpVote(nn.Module):
+  """The original code's bounded vote: ``scale * tanh(MLP([a; h])) + bias``."""
+  hidden_size: int
+  initial_logit: float = 5.0
+  logit_scale: float = 10.0
+
+  @nn.compact
+  def __call__(self, anchor: jax.Array, state: jax.Array) -> jax.Array:
+    """``(batch, seq, d_anchor), (batch, seq, d) -> (batch, seq)``."""
+    features = state if anchor is state else jnp.concatenate([anchor, state], axis=-1)
+    hidden = jnp.tanh(nn.Dense(self.hidden_size, name='hidden')(features))
+    bounded = jnp.tanh(nn.Dense(1, name='out')(hidden)[..., 0])
+    bias = self.param('bias', nn.initializers.constant(self.initial_logit), (), jnp.float32)
+    return self.logit_scale * bounded + bias
+
+
+class BilinearVote(nn.Module):
+  """The paper's appendix-A vote: ``a^T W1 h + W2 [a; h] + b``."""
+  initial_logit: float = 5.0
+
+  @nn.compact
+  def __call__(self, anchor: jax.Array, state: jax.Array) -> jax.Array:
+    """``(batch, seq, d_anchor), (batch, seq, d) -> (batch, seq)``."""
+    bilinear_kernel = self.param('bilinear', nn.initializers.lecun_normal(),
+                                 (anchor.shape[-1], state.shape[-1]))
+    bilinear = jnp.einsum('bsi,ij,bsj->bs', anchor, bilinear_kernel, state)
+    linear = nn.Dense(1, name='linear', bias_init=nn.initializers.constant(self.initial_logit))
+    return bilinear + linear(jnp.concatenate([anchor, state], axis=-1))[..., 0]
+
+
+class DiffMaskProbe(nn.Module):
+  """Amortised probe: vote logits for every state, plus the baseline vectors.
+
+  Attributes:
+    gate: ``'input'`` (mask ``h0`` from votes of all states up to depth l) or
+      ``'hidden'`` (mask ``h_l`` from its own vote).
+    state_dims: width of each state ``h0..hL``.
+    form: ``'mlp'`` or ``'bilinear'`` (see the module docstring).
+    hidden_size: width of the MLP vote's hidden layer.
+    initial_logit: vote logit at initialisation (5: gates start open).
+  """
+  gate: str
+  state_dims: tuple[int, ...]
+  form: str = 'mlp'
+  hidden_size: int = 64
+  initial_logit: float = 5.0
+
+  def setup(self):
+    if self.gate not in GATES:
+      raise ValueError(f'unknown gate {self.gate!r}; choose one of {GATES}')
+    if self.form not in VOTE_FORMS:
+      raise ValueError(f'unknown vote form {self.form!r}; choose one of {VOTE_FORMS}')
+    vote_cls = MlpVote if self.form == 'mlp' else BilinearVote
+    kwargs = {'initial_logit': self.initial_logit}
+    if self.form == 'mlp':
+      kwargs['hidden_size'] = self.hidden_size
+    self.votes = [vote_cls(name=f'vote_{k}', **kwargs) for k in range(len(self.state_dims))]
+    baseline_dims = self.state_dims[:1] if self.gate == 'input' else self.state_dims
+    self.baselines = [
+        self.param(f'baseline_{k}', nn.initializers.zeros_init(), (dim,), jnp.float32)
+        for k, dim in enumerate(baseline_dims)
+    ]
+
+  def __call__(self, states: Sequence[jax.Array]) -> jax.Array:
+    """Vote logits ``(num_states, batch, seq)`` (float32) from states ``h0..hL``."""
+    states = [jnp.asarray(state, jnp.float32) for state in states]
+    if len(states) != len(self.state_dims):
+      raise ValueError(f'probe expects {len(self.state_dims)} states, got {len(states)}')
+    logits = []
+    for k, (vote, state) in enumerate(zip(self.votes, states)):
+      anchor = states[0] if self.gate == 'input' else state
+      logits.append(vote(anchor, state))
+    logits = jnp.stack(logits)
+    if self.form == 'bilinear' and self.gate == 'input':
+      logits = average_with_earlier_layers(logits)
+    return logits
+
+  def baseline_vectors(self) -> tuple[jax.Array, ...]:
+    """The learned baselines: one ``(dim_0,)`` vector for input gates, else one per state."""
+    return tuple(self.baselines)
+
+
+class PerExampleProbe(nn.Module):
+  """Non-amortised DiffMask: a free vote logit per (example, position, state).
+
+  Used for the paper's ablation and per-example search (sec. 4.2.1): the batch
+  must always hold the same ``num_examples`` examples in the same order.
+  """
+  gate: str
+  state_dims: tuple[int, ...]
+  num_examples: int
+  max_length: int
+  initial_logit: float = 3.0
+
+  def setup(self):
+    if self.gate not in GATES:
+      raise ValueError(f'unknown gate {self.gate!r}; choose one of {GATES}')
+    self.logits = self.param(
+        'free_logits', nn.initializers.constant(self.initial_logit),
+        (len(self.state_dims), self.num_examples, self.max_length), jnp.float32)
+    baseline_dims = self.state_dims[:1] if self.gate == 'input' else self.state_dims
+    self.baselines = [
+        self.param(f'baseline_{k}', nn.initializers.zeros_init(), (dim,), jnp.float32)
+        for k, dim in enumerate(baseline_dims)
+    ]
+
+  def __call__(self, states: Sequence[jax.Array]) -> jax.Array:
+    """Vote logits ``(num_states, num_examples, seq)``; ``states`` only set the length."""
+    seq = states[0].shape[1]
+    return self.logits[:, :, :seq]
+
+  def baseline_vectors(self) -> tuple[jax.Array, ...]:
+    return tuple(self.baselines)
+
+
+def average_with_earlier_layers(vote_logits: jax.Array) -> jax.Array:
+  """Paper eq. 9: ``gamma_l = (gamma_hat_l + mean_{k<l} gamma_hat_k) / 2``; ``gamma_0`` unchanged.
+
+  ``(num_states, batch, seq) -> (num_states, batch, seq)``.
+  """
+  num_states = vote_logits.shape[0]
+  earlier_sum = jnp.cumsum(vote_logits, axis=0) - vote_logits
+  counts = jnp.arange(num_states, dtype=vote_logits.dtype).reshape(-1, 1, 1)
+  earlier_mean = earlier_sum / jnp.maximum(counts, 1.0)
+  return jnp.where(counts > 0, 0.5 * (vote_logits + earlier_mean), vote_logits)
+
+
+def set_baseline(probe_params, vector: jax.Array, layer_index: int = 0):
+  """Returns probe params whose baseline for state ``layer_index`` is ``vector``.
+
+  Use it to start from a meaningful vector, e.g. BERT's [MASK] embedding.
+  """
+  name = f'baseline_{layer_index}'
+  inner = dict(probe_params['params'])
+  if name not in inner:
+    raise ValueError(f'probe has no baseline for state {layer_index}')
+  if inner[name].shape != jnp.shape(vector):
+    raise ValueError(
+        f'baseline {layer_index} has shape {inner[name].shape}, got {jnp.shape(vector)}')
+  inner[name] = jnp.asarray(vector, jnp.float32)
+  return {**probe_params, 'params': inner}
+
+
+def gate_log_keep_probs(gate: str, vote_logits: jax.Array, *, temperature: float,
+                        stretch: Sequence[float]) -> jax.Array:
+  """``log P(z != 0)`` of the gate at every depth: ``(num_states, batch, seq)``.
+
+  For input gates the votes up to depth l multiply, so their log-probabilities
+  of being open add up (a cumulative sum over states).
+  """
+  log_vote = hard_concrete.log_prob_nonzero(vote_logits, temperature=temperature,
+                                            stretch=stretch)
+  return jnp.cumsum(log_vote, axis=0) if gate == 'input' else log_vote
+
+
+def sample_gates(gate: str, key: jax.Array, vote_logits: jax.Array, layer_index: jax.Array, *,
+                 temperature: float, stretch: Sequence[float]) -> tuple[jax.Array, jax.Array]:
+  """Samples the gate at depth ``layer_index`` (may be traced).
+
+  Args:
+    gate: ``'input'`` or ``'hidden'``.
+    key: PRNG key.
+    vote_logits: ``(num_states, batch, seq)`` from a probe.
+    layer_index: scalar depth ``l``.
+
+  Returns:
+    ``gates`` ``(batch, seq)`` in ``[0, 1]`` (float32) and ``log_keep_prob``
+    ``(batch, seq)``, the log-probability that each gate is non-zero.
+  """
+  votes = hard_concrete.sample(key, vote_logits, temperature=temperature, stretch=stretch)
+  log_keep = gate_log_keep_probs(gate, vote_logits, temperature=temperature, stretch=stretch)
+  if gate == 'input':
+    votes = jnp.cumprod(votes, axis=0)
+  return votes[layer_index], log_keep[layer_index]
+
+
+def select_baseline(baselines: Sequence[jax.Array], layer_index) -> jax.Array:
+  """Baseline of state ``layer_index``: a Python int, or a traced index when all dims agree."""
+  if isinstance(layer_index, int):
+    return baselines[layer_index]
+  if len({b.shape for b in baselines}) != 1:
+    raise ValueError('a traced layer index needs baselines of one width; '
+                     'models with states of different widths must pass static indices')
+  return jnp.stack(baselines)[layer_index]
+
+
+def replace_with_baseline(state: jax.Array, gates: jax.Array, baseline: jax.Array) -> jax.Array:
+  """``z * h + (1 - z) * b`` (paper eqs. 1 and 3), in the state's dtype.
+
+  ``(batch, seq, dim), (batch, seq), (dim,) -> (batch, seq, dim)``; the mix is
+  computed in float32 so bfloat16 models keep exact zeros and ones.
+  """
+  gates = gates.astype(jnp.float32)[..., None]
+  mixed = gates * state.astype(jnp.float32) + (1.0 - gates) * baseline.astype(jnp.float32)
+  return mixed.astype(state.dtype)

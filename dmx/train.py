@@ -1,0 +1,335 @@
+"""DiffMask training: the config, the train state and one pure, jittable step.
+
+``train_step(state, frozen_params, batch, key)`` does all of DiffMask in one
+function: the clean pass of the frozen model, the probe's votes, one sample of
+the depth ``l`` and of the gates, the masked pass resumed at the injection
+point, and both updates of the saddle point (probe and baselines down,
+Lagrange multiplier of depth ``l`` up). ``frozen_params`` are an argument,
+never optimised and never donated; jit the step with ``donate_argnums=0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from dmx import hard_concrete, objective, optim, probes
+from dmx.models.base import MaskableModel
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffMaskConfig:
+  """Hyperparameters of DiffMask; defaults are the original code's.
+
+  Attributes:
+    gate: ``'input'`` masks the input embeddings ``h0`` from the votes of all
+      states up to depth l; ``'hidden'`` masks the state ``h_l`` itself.
+    margin: tolerated divergence ``m`` (SST 0.1, SQuAD 1, toy 0.05).
+    divergence: ``'kl'`` for ``KL(y || y_hat)`` or ``'squared_error'``.
+    sparsity: ``'log_l0'`` (original: mean ``log P(z != 0)``) or ``'l0'``
+      (paper: expected L0, mean ``P(z != 0)``).
+    temperature, stretch: the Hard Concrete parameters.
+    probe_learning_rate, baseline_learning_rate, warmup_steps, rmsprop_decay,
+      rmsprop_eps, lookahead_sync_period, lookahead_slow_step: the primal optimiser.
+    dual_optimizer, multiplier_learning_rate, multiplier_init, multiplier_max:
+      the dual ascent on one multiplier per state, projected to ``[0, max]``.
+    running_decay: decay of the running agreement and keep fraction per state.
+    slow_converged_layers: sample a converged depth ``converged_weight`` times as
+      often as the others (the original's ``stop_train``); converged means
+      running agreement > ``converged_agreement``, running keep fraction <
+      ``converged_l0`` and more than ``converged_min_steps`` steps at that depth.
+    layers: the depths to train; ``None`` trains every state.
+  """
+  gate: str = 'hidden'
+  margin: float = 0.1
+  divergence: str = 'kl'
+  sparsity: str = 'log_l0'
+  temperature: float = hard_concrete.DEFAULT_TEMPERATURE
+  stretch: tuple[float, float] = hard_concrete.DEFAULT_STRETCH
+  probe_learning_rate: float = 3e-4
+  baseline_learning_rate: float = 1e-3
+  warmup_steps: int = 1200
+  rmsprop_decay: float = 0.99
+  rmsprop_eps: float = 1e-8
+  lookahead_sync_period: int = 6
+  lookahead_slow_step: float = 0.5
+  dual_optimizer: str = 'lookahead_rmsprop'
+  multiplier_learning_rate: float = 0.3
+  multiplier_init: float = 1.0
+  multiplier_max: float = 200.0
+  running_decay: float = 0.9
+  slow_converged_layers: bool = False
+  converged_agreement: float = 0.75
+  converged_l0: float = 0.1
+  converged_min_steps: int = 100
+  converged_weight: float = 0.1
+  layers: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if self.gate not in probes.GATES:
+      raise ValueError(f'gate must be one of {probes.GATES}, got {self.gate!r}')
+    if self.divergence not in objective.DIVERGENCES:
+      raise ValueError(f'divergence must be one of {objective.DIVERGENCES}, got {self.divergence!r}')
+    if self.sparsity not in objective.SPARSITY_LOSSES:
+      raise ValueError(f'sparsity must be one of {objective.SPARSITY_LOSSES}, got {self.sparsity!r}')
+    if self.dual_optimizer not in optim.DUAL_OPTIMIZERS:
+      raise ValueError(
+          f'dual_optimizer must be one of {optim.DUAL_OPTIMIZERS}, got {self.dual_optimizer!r}')
+    hard_concrete.check_parameters(self.temperature, self.stretch)
+    if self.margin < 0:
+      raise ValueError(f'margin must be >= 0, got {self.margin}')
+    for name in ('probe_learning_rate', 'baseline_learning_rate', 'multiplier_learning_rate',
+                 'multiplier_max'):
+      if not getattr(self, name) > 0:
+        raise ValueError(f'{name} must be > 0, got {getattr(self, name)}')
+    if not 0 <= self.multiplier_init <= self.multiplier_max:
+      raise ValueError('multiplier_init must lie in [0, multiplier_max]')
+    if self.warmup_steps < 0 or self.lookahead_sync_period < 1:
+      raise ValueError('warmup_steps must be >= 0 and lookahead_sync_period >= 1')
+    if self.layers is not None and not self.layers:
+      raise ValueError('layers must name at least one depth, or be None for all')
+
+  def check_num_states(self, num_states: int) -> None:
+    """Raises when ``layers`` names a depth the model does not have."""
+    if self.layers is not None and not all(0 <= k < num_states for k in self.layers):
+      raise ValueError(f'layers {self.layers} out of range for a model with {num_states} states')
+
+
+class DiffMaskState(NamedTuple):
+  """Everything that changes during DiffMask training (a pytree).
+
+  Attributes:
+    step: int32 scalar, number of steps taken.
+    params: probe parameters (votes and baselines) as ``LookaheadParams``.
+    opt_state: the primal optimiser's state.
+    multipliers: ``LookaheadParams`` of ``(num_states,)`` Lagrange multipliers.
+    multiplier_opt_state: the dual optimiser's state.
+    running_agreement: ``(num_states,)`` running agreement of masked predictions.
+    running_l0: ``(num_states,)`` running fraction of open gates (P(z != 0)).
+    running_steps: ``(num_states,)`` int32 steps taken at each depth.
+  """
+  step: jax.Array
+  params: optax.LookaheadParams
+  opt_state: optax.OptState
+  multipliers: optax.LookaheadParams
+  multiplier_opt_state: optax.OptState
+  running_agreement: jax.Array
+  running_l0: jax.Array
+  running_steps: jax.Array
+
+  @property
+  def probe_params(self):
+    """The probe parameters to use (Lookahead's fast weights)."""
+    return self.params.fast
+
+  @property
+  def lagrange_multipliers(self) -> jax.Array:
+    return self.multipliers.fast
+
+
+def make_optimizers(config: DiffMaskConfig):
+  """The primal and dual optax transformations that ``config`` describes."""
+  primal = optim.primal_optimizer(
+      probe_learning_rate=config.probe_learning_rate,
+      baseline_learning_rate=config.baseline_learning_rate,
+      warmup_steps=config.warmup_steps, decay=config.rmsprop_decay, eps=config.rmsprop_eps,
+      sync_period=config.lookahead_sync_period, slow_step_size=config.lookahead_slow_step)
+  dual = optim.dual_optimizer(
+      config.dual_optimizer, learning_rate=config.multiplier_learning_rate,
+      decay=config.rmsprop_decay, eps=config.rmsprop_eps,
+      sync_period=config.lookahead_sync_period, slow_step_size=config.lookahead_slow_step)
+  return primal, dual
+
+
+def init_probe_params(key: jax.Array, model: MaskableModel, probe: nn.Module, frozen_params,
+                      batch: dict):
+  """Initialises ``probe`` on the states of one clean pass over ``batch``."""
+  _, states = model.forward(frozen_params, batch)
+  return probe.init(key, states)
+
+
+def _synced(tree) -> optax.LookaheadParams:
+  # distinct buffers for fast and slow weights, so the state can be donated
+  return optax.LookaheadParams(fast=tree, slow=jax.tree_util.tree_map(jnp.array, tree))
+
+
+def init_state(config: DiffMaskConfig, probe_params, num_states: int) -> DiffMaskState:
+  """A fresh train state around ``probe_params`` for a model with ``num_states`` states."""
+  config.check_num_states(num_states)
+  primal, dual = make_optimizers(config)
+  params = _synced(probe_params)
+  multipliers = _synced(jnp.full((num_states,), config.multiplier_init, jnp.float32))
+  return DiffMaskState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=primal.init(params),
+      multipliers=multipliers,
+      multiplier_opt_state=dual.init(multipliers),
+      running_agreement=jnp.zeros((num_states,), jnp.float32),
+      running_l0=jnp.ones((num_states,), jnp.float32),
+      running_steps=jnp.zeros((num_states,), jnp.int32),
+  )
+
+
+def layer_logits(state: DiffMaskState, config: DiffMaskConfig) -> jax.Array:
+  """Log-weights ``(num_states,)`` of the distribution the step samples depths from."""
+  num_states = state.running_steps.shape[0]
+  weights = jnp.ones((num_states,), jnp.float32)
+  if config.layers is not None:
+    weights = jnp.zeros_like(weights).at[jnp.asarray(config.layers)].set(1.0)
+  if config.slow_converged_layers:
+    converged = ((state.running_agreement > config.converged_agreement)
+                 & (state.running_l0 < config.converged_l0)
+                 & (state.running_steps > config.converged_min_steps))
+    weights = weights * jnp.where(converged, config.converged_weight, 1.0)
+  return jnp.log(weights)
+
+
+def masked_pass(model: MaskableModel, frozen_params, batch: dict, states: Sequence[jax.Array],
+                gate: str, gates: jax.Array, baselines: Sequence[jax.Array], layer_index):
+  """The model's output with the gated state replaced by the baseline.
+
+  Input gates replace ``h0`` and rerun the whole model; hidden gates replace
+  ``h_l`` and resume at depth ``l`` from the clean states.
+
+  Args:
+    gates: ``(batch, seq)`` gates in ``[0, 1]``.
+    baselines: the probe's baseline vectors (one for input gates).
+    layer_index: the depth ``l`` (traced or int).
+
+  Returns:
+    ``(batch, ..., classes)`` masked outputs.
+  """
+  if gate == 'input':
+    # the input has one baseline, whatever index a model's dispatch passes
+    intervention = lambda index, state: probes.replace_with_baseline(state, gates, baselines[0])
+    start = 0
+  else:
+    intervention = lambda index, state: probes.replace_with_baseline(
+        state, gates, probes.select_baseline(baselines, index))
+    start = layer_index
+  return model.forward_from(frozen_params, batch, tuple(states), start, intervention)
+
+
+def agreement(reference_outputs: jax.Array, other_outputs: jax.Array) -> jax.Array:
+  """``(batch,)`` 1.0 where the argmax of every head agrees, else 0.0."""
+  same = jnp.argmax(reference_outputs, axis=-1) == jnp.argmax(other_outputs, axis=-1)
+  return same.reshape(same.shape[0], -1).all(axis=-1).astype(jnp.float32)
+
+
+def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConfig
+                    ) -> Callable[[DiffMaskState, Any, dict, jax.Array],
+                                  tuple[DiffMaskState, dict]]:
+  """Builds the pure step ``(state, frozen_params, batch, key) -> (state, metrics)``.
+
+  One sample of the depth and of the gates serves both the probe update and
+  the multiplier update. ``batch['mask']`` ``(batch, seq)`` marks real tokens.
+  ``metrics`` holds scalars: ``layer_index``, ``loss``, ``divergence``,
+  ``sparsity``, ``keep_fraction`` (mean P(z != 0)), ``open_fraction`` (sampled
+  gates > 0), ``agreement`` and ``multiplier``.
+  """
+  primal, dual = make_optimizers(config)
+  gate_kwargs = dict(temperature=config.temperature, stretch=config.stretch)
+
+  def train_step(state: DiffMaskState, frozen_params, batch: dict, key: jax.Array):
+    layer_key, gate_key = jax.random.split(key)
+    outputs, states = jax.lax.stop_gradient(model.forward(frozen_params, batch))
+    layer_index = jax.random.categorical(layer_key, layer_logits(state, config))
+    mask = batch['mask']
+
+    def loss_fn(probe_params, multipliers):
+      vote_logits = probe.apply(probe_params, states)
+      baselines = probe.apply(probe_params, method='baseline_vectors')
+      gates, log_keep = probes.sample_gates(config.gate, gate_key, vote_logits, layer_index,
+                                            **gate_kwargs)
+      masked_outputs = masked_pass(model, frozen_params, batch, states, config.gate, gates,
+                                   baselines, layer_index)
+      divergence = objective.output_divergence(config.divergence, outputs, masked_outputs)
+      sparsity = objective.sparsity_loss(config.sparsity, log_keep, mask)
+      loss = objective.lagrangian(multipliers[layer_index], divergence, config.margin, sparsity)
+      aux = dict(divergence=divergence.mean(), sparsity=sparsity.mean(),
+                 keep_fraction=objective.masked_mean(jnp.exp(log_keep), mask).mean(),
+                 open_fraction=objective.masked_mean((gates > 0).astype(jnp.float32), mask).mean(),
+                 agreement=agreement(outputs, masked_outputs).mean())
+      return loss, aux
+
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (loss, aux), (probe_grads, multiplier_grads) = grad_fn(state.params.fast,
+                                                            state.multipliers.fast)
+    updates, opt_state = primal.update(probe_grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    multiplier_updates, multiplier_opt_state = dual.update(
+        multiplier_grads, state.multiplier_opt_state, state.multipliers)
+    multipliers = optim.project_multipliers(
+        optax.apply_updates(state.multipliers, multiplier_updates), config.multiplier_max)
+
+    decay = config.running_decay
+    running_agreement = state.running_agreement.at[layer_index].set(
+        decay * state.running_agreement[layer_index] + (1 - decay) * aux['agreement'])
+    running_l0 = state.running_l0.at[layer_index].set(
+        decay * state.running_l0[layer_index] + (1 - decay) * aux['keep_fraction'])
+    new_state = DiffMaskState(
+        step=state.step + 1, params=params, opt_state=opt_state, multipliers=multipliers,
+        multiplier_opt_state=multiplier_opt_state, running_agreement=running_agreement,
+        running_l0=running_l0, running_steps=state.running_steps.at[layer_index].add(1))
+    metrics = dict(aux, loss=loss, layer_index=layer_index,
+                   multiplier=state.multipliers.fast[layer_index])
+    return new_state, metrics
+
+  return train_step
+
+
+def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskConfig,
+        state: DiffMaskState, batches: Iterator[dict], num_steps: int, key: jax.Array, *,
+        progress: bool = True, description: str = 'diffmask',
+        log_every: int = 500) -> tuple[DiffMaskState, list[dict]]:
+  """Runs ``num_steps`` jitted train steps over ``batches`` with a progress bar.
+
+  The key of step ``t`` is ``fold_in(key, t)``, so a run is reproducible from
+  ``(key, state.step)`` alone. Returns the final state and one dict of mean
+  metrics per ``log_every`` steps (with the mean per depth under ``per_layer``).
+  """
+  if num_steps < 0:
+    raise ValueError(f'num_steps must be >= 0, got {num_steps}')
+  step_fn = jax.jit(make_train_step(model, probe, config), donate_argnums=0)
+  num_states = state.running_steps.shape[0]
+  history, window = [], []
+  bar = tqdm(total=num_steps, desc=description, disable=not progress, unit='step')
+  first_step = int(state.step)
+  for offset in range(num_steps):
+    try:
+      batch = next(batches)
+    except StopIteration:
+      raise ValueError(f'batches ran out after {offset} of {num_steps} steps') from None
+    state, metrics = step_fn(state, frozen_params, batch, jax.random.fold_in(key, first_step + offset))
+    window.append(metrics)
+    if len(window) == log_every or offset == num_steps - 1:
+      window = jax.device_get(window)
+      summary = _summarise(window, num_states)
+      summary['step'] = first_step + offset + 1
+      history.append(summary)
+      bar.set_postfix(div=f"{summary['divergence']:.3f}", keep=f"{summary['keep_fraction']:.2f}",
+                      agree=f"{summary['agreement']:.3f}")
+      window = []
+    bar.update(1)
+  bar.close()
+  return state, history
+
+
+def _summarise(window: list[dict], num_states: int) -> dict:
+  """Mean of each metric over the window, overall and per depth."""
+  names = [name for name in window[0] if name != 'layer_index']
+  layers = np.array([int(m['layer_index']) for m in window])
+  summary = {name: float(np.mean([m[name] for m in window])) for name in names}
+  summary['per_layer'] = {
+      str(k): {name: float(np.mean([m[name] for m, l in zip(window, layers) if l == k]))
+               for name in names}
+      for k in range(num_states) if np.any(layers == k)}
+  return summary

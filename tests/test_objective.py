@@ -1,0 +1,266 @@
+"""Tests for dmx.objective against numpy float64 references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dmx import objective
+
+
+def numpy_log_softmax(logits):
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - np.max(logits, axis=-1, keepdims=True)
+  return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def numpy_kl(reference_logits, other_logits):
+  """``sum_i p_i (log p_i - log q_i)`` over the last axis, skipping ``p_i = 0``."""
+  log_p = numpy_log_softmax(reference_logits)
+  log_q = numpy_log_softmax(other_logits)
+  p = np.exp(log_p)
+  with np.errstate(invalid='ignore'):
+    terms = np.where(p > 0, p * (log_p - log_q), 0.0)
+  return terms.sum(axis=-1)
+
+
+def numpy_masked_mean(values, mask):
+  values, mask = np.asarray(values, np.float64), np.asarray(mask, bool)
+  result = np.zeros(values.shape[0])
+  for row in range(values.shape[0]):
+    if mask[row].any():
+      result[row] = values[row][mask[row]].mean()
+  return result
+
+
+# ----------------------------------------------------------------------------
+# kl_divergence
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('shape', [(7,), (4, 5), (2, 3, 6), (3, 1, 2)])
+def test_kl_divergence_matches_numpy(shape):
+  rng = np.random.default_rng(sum(shape))
+  reference = rng.normal(0.0, 2.0, shape).astype(np.float32)
+  other = rng.normal(0.0, 2.0, shape).astype(np.float32)
+  result = objective.kl_divergence(jnp.asarray(reference), jnp.asarray(other))
+  assert result.shape == shape[:-1]
+  assert result.dtype == jnp.float32
+  np.testing.assert_allclose(result, numpy_kl(reference, other), rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(result) >= -1e-6)
+
+
+def test_kl_divergence_of_identical_inputs_is_zero():
+  logits = jnp.asarray(np.random.default_rng(0).normal(0.0, 3.0, (5, 9)), jnp.float32)
+  np.testing.assert_allclose(objective.kl_divergence(logits, logits), 0.0, atol=1e-6)
+  # softmax is shift invariant, so a shifted copy is the same distribution
+  np.testing.assert_allclose(objective.kl_divergence(logits, logits + 4.0), 0.0, atol=1e-5)
+
+
+def test_kl_divergence_accepts_bfloat16_and_returns_float32():
+  rng = np.random.default_rng(1)
+  reference = jnp.asarray(rng.normal(size=(3, 4)), jnp.bfloat16)
+  other = jnp.asarray(rng.normal(size=(3, 4)), jnp.bfloat16)
+  result = objective.kl_divergence(reference, other)
+  assert result.dtype == jnp.float32
+  np.testing.assert_allclose(
+      result, numpy_kl(np.asarray(reference, np.float64), np.asarray(other, np.float64)),
+      rtol=1e-5, atol=1e-6)
+
+
+def _masked_logits():
+  rng = np.random.default_rng(3)
+  reference = rng.normal(0.0, 2.0, (3, 6)).astype(np.float32)
+  other = rng.normal(0.0, 2.0, (3, 6)).astype(np.float32)
+  padding = np.zeros((3, 6), bool)
+  padding[0, 4:] = True
+  padding[1, [0, 2]] = True  # row 2 has no padding
+  reference[padding] = -np.inf
+  other[padding] = -np.inf
+  return reference, other, padding
+
+
+def test_kl_divergence_with_shared_minus_inf_is_kl_on_the_support():
+  reference, other, padding = _masked_logits()
+  result = np.asarray(objective.kl_divergence(jnp.asarray(reference), jnp.asarray(other)))
+  assert np.all(np.isfinite(result))
+  for row in range(3):
+    support = ~padding[row]
+    expected = numpy_kl(reference[row][support], other[row][support])
+    np.testing.assert_allclose(result[row], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_divergence_gradients_with_shared_minus_inf_are_finite_and_correct():
+  reference, other, padding = _masked_logits()
+  grad_reference, grad_other = jax.grad(
+      lambda r, o: objective.kl_divergence(r, o).sum(), argnums=(0, 1))(
+          jnp.asarray(reference), jnp.asarray(other))
+  assert np.all(np.isfinite(grad_reference)) and np.all(np.isfinite(grad_other))
+  np.testing.assert_array_equal(np.asarray(grad_other)[padding], 0.0)
+  np.testing.assert_array_equal(np.asarray(grad_reference)[padding], 0.0)
+  # d KL(p || softmax(o)) / d o = softmax(o) - p on the support
+  p = np.exp(numpy_log_softmax(reference))
+  q = np.exp(numpy_log_softmax(other))
+  np.testing.assert_allclose(np.asarray(grad_other)[~padding], (q - p)[~padding], atol=1e-6)
+  # d KL / d r_j = p_j (log p_j - log q_j - KL)
+  kl = numpy_kl(reference, other)[:, None]
+  with np.errstate(invalid='ignore'):
+    expected = p * (numpy_log_softmax(reference) - numpy_log_softmax(other) - kl)
+  np.testing.assert_allclose(np.asarray(grad_reference)[~padding], expected[~padding],
+                             atol=1e-5)
+
+
+def test_kl_divergence_with_minus_inf_only_in_reference():
+  """Classes the reference rules out contribute nothing, even if the other has mass."""
+  reference = np.asarray([[1.0, -np.inf, 0.5, -np.inf]], np.float32)
+  other = np.asarray([[0.2, 1.0, -0.3, 2.0]], np.float32)
+  result = objective.kl_divergence(jnp.asarray(reference), jnp.asarray(other))
+  np.testing.assert_allclose(result, numpy_kl(reference, other), rtol=1e-5)
+  gradient = jax.grad(lambda o: objective.kl_divergence(jnp.asarray(reference), o).sum())(
+      jnp.asarray(other))
+  assert np.all(np.isfinite(gradient))
+
+
+def test_kl_divergence_is_inf_where_other_rules_out_reference_mass():
+  reference = jnp.asarray([1.0, 2.0, 0.0])
+  other = jnp.asarray([0.0, -jnp.inf, 0.0])
+  assert float(objective.kl_divergence(reference, other)) == np.inf
+
+
+# ----------------------------------------------------------------------------
+# squared_error and output_divergence
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('shape', [(6,), (4, 3), (2, 3, 5)])
+def test_squared_error_matches_numpy(shape):
+  rng = np.random.default_rng(len(shape))
+  reference = rng.normal(size=shape).astype(np.float32)
+  other = rng.normal(size=shape).astype(np.float32)
+  result = objective.squared_error(jnp.asarray(reference), jnp.asarray(other))
+  assert result.shape == shape[:-1]
+  expected = np.mean((reference.astype(np.float64) - other.astype(np.float64)) ** 2, axis=-1)
+  np.testing.assert_allclose(result, expected, rtol=1e-6)
+
+
+def test_output_divergence_kl_sums_heads():
+  rng = np.random.default_rng(4)
+  reference = rng.normal(size=(3, 2, 7)).astype(np.float32)
+  other = rng.normal(size=(3, 2, 7)).astype(np.float32)
+  result = objective.output_divergence('kl', jnp.asarray(reference), jnp.asarray(other))
+  assert result.shape == (3,)
+  expected = numpy_kl(reference[:, 0], other[:, 0]) + numpy_kl(reference[:, 1], other[:, 1])
+  np.testing.assert_allclose(result, expected, rtol=1e-5)
+
+
+def test_output_divergence_kl_for_classification():
+  rng = np.random.default_rng(5)
+  reference = rng.normal(size=(4, 3)).astype(np.float32)
+  other = rng.normal(size=(4, 3)).astype(np.float32)
+  result = objective.output_divergence('kl', jnp.asarray(reference), jnp.asarray(other))
+  assert result.shape == (4,)
+  np.testing.assert_allclose(result, numpy_kl(reference, other), rtol=1e-5)
+
+
+def test_output_divergence_squared_error_sums_heads():
+  rng = np.random.default_rng(6)
+  reference = rng.normal(size=(2, 3, 4)).astype(np.float32)
+  other = rng.normal(size=(2, 3, 4)).astype(np.float32)
+  result = objective.output_divergence('squared_error', jnp.asarray(reference),
+                                       jnp.asarray(other))
+  expected = np.mean((reference.astype(np.float64) - other) ** 2, axis=-1).sum(axis=-1)
+  assert result.shape == (2,)
+  np.testing.assert_allclose(result, expected, rtol=1e-6)
+
+
+def test_output_divergence_rejects_unknown_kind():
+  with pytest.raises(ValueError, match='unknown divergence'):
+    objective.output_divergence('js', jnp.zeros((2, 3)), jnp.zeros((2, 3)))
+
+
+# ----------------------------------------------------------------------------
+# sparsity_loss
+# ----------------------------------------------------------------------------
+
+def _sparsity_inputs():
+  rng = np.random.default_rng(7)
+  log_keep = np.log(rng.uniform(0.01, 1.0, (4, 6))).astype(np.float32)
+  mask = np.ones((4, 6), bool)
+  mask[0, 3:] = False
+  mask[2, :] = False  # an all-padding row
+  mask[3, [1, 4]] = False
+  return log_keep, mask
+
+
+@pytest.mark.parametrize('kind, transform', [('log_l0', lambda x: x), ('l0', np.exp)])
+def test_sparsity_loss_matches_numpy(kind, transform):
+  log_keep, mask = _sparsity_inputs()
+  result = objective.sparsity_loss(kind, jnp.asarray(log_keep), jnp.asarray(mask))
+  assert result.shape == (4,)
+  assert np.all(np.isfinite(result))
+  expected = numpy_masked_mean(transform(log_keep.astype(np.float64)), mask)
+  np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-7)
+  assert float(result[2]) == 0.0
+
+
+@pytest.mark.parametrize('kind', ['log_l0', 'l0'])
+def test_sparsity_loss_gradient_ignores_padding(kind):
+  log_keep, mask = _sparsity_inputs()
+  gradient = jax.grad(lambda x: objective.sparsity_loss(kind, x, jnp.asarray(mask)).sum())(
+      jnp.asarray(log_keep))
+  assert np.all(np.isfinite(gradient))
+  np.testing.assert_array_equal(np.asarray(gradient)[~mask], 0.0)
+  counts = mask.sum(axis=-1, keepdims=True)
+  scale = np.exp(log_keep) if kind == 'l0' else np.ones_like(log_keep)
+  expected = np.where(mask, scale / np.maximum(counts, 1), 0.0)
+  np.testing.assert_allclose(gradient, expected, rtol=1e-6)
+
+
+def test_sparsity_losses_differ_and_are_ordered():
+  """log_l0 is the mean of log P <= log of the mean of P (Jensen), l0 lies in [0, 1]."""
+  log_keep, mask = _sparsity_inputs()
+  log_l0 = np.asarray(objective.sparsity_loss('log_l0', jnp.asarray(log_keep), mask))
+  l0 = np.asarray(objective.sparsity_loss('l0', jnp.asarray(log_keep), mask))
+  defined = mask.any(axis=-1)
+  assert np.all(log_l0[defined] < 0.0)
+  assert np.all((l0 >= 0.0) & (l0 <= 1.0))
+  assert np.all(log_l0[defined] <= np.log(l0[defined]) + 1e-6)
+
+
+def test_sparsity_loss_rejects_unknown_kind():
+  with pytest.raises(ValueError, match='unknown sparsity loss'):
+    objective.sparsity_loss('l1', jnp.zeros((2, 3)), jnp.ones((2, 3), bool))
+
+
+def test_masked_mean_of_all_false_row_is_zero():
+  result = objective.masked_mean(jnp.asarray([[1.0, 2.0], [3.0, 4.0]]),
+                                 jnp.asarray([[True, True], [False, False]]))
+  np.testing.assert_array_equal(result, [1.5, 0.0])
+
+
+# ----------------------------------------------------------------------------
+# lagrangian
+# ----------------------------------------------------------------------------
+
+def test_lagrangian_matches_formula():
+  rng = np.random.default_rng(8)
+  divergence = rng.uniform(0.0, 2.0, 5).astype(np.float32)
+  sparsity = rng.uniform(-3.0, 0.0, 5).astype(np.float32)
+  multiplier, margin = 1.7, 0.3
+  result = objective.lagrangian(jnp.asarray(multiplier), jnp.asarray(divergence), margin,
+                                jnp.asarray(sparsity))
+  expected = np.mean(multiplier * (divergence.astype(np.float64) - margin) + sparsity)
+  assert result.shape == ()
+  np.testing.assert_allclose(result, expected, rtol=1e-6)
+
+
+def test_lagrangian_gradients():
+  """d/d lambda is the mean constraint violation; d/d D is lambda / batch."""
+  divergence = jnp.asarray([0.5, 1.5, 0.1, 0.2])
+  sparsity = jnp.asarray([-1.0, -2.0, -0.5, 0.0])
+  margin = 0.4
+  grad_multiplier, grad_divergence, grad_sparsity = jax.grad(
+      lambda m, d, s: objective.lagrangian(m, d, margin, s), argnums=(0, 1, 2))(
+          jnp.asarray(2.5), divergence, sparsity)
+  np.testing.assert_allclose(grad_multiplier, np.mean(np.asarray(divergence) - margin),
+                             rtol=1e-6)
+  np.testing.assert_allclose(grad_divergence, np.full(4, 2.5 / 4), rtol=1e-6)
+  np.testing.assert_allclose(grad_sparsity, np.full(4, 1 / 4), rtol=1e-6)

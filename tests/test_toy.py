@@ -1,0 +1,117 @@
+"""Tests of the toy task: the generator, the ground truth, the model's injection points."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dmx.data.toy import generate_toy_data, ground_truth_attribution, iterate_batches, split_toy_data
+from dmx.models.toy import ToyModel, ToyModelConfig, accuracy, train_toy_model
+
+
+def test_generator_statistics_and_labels():
+  data = generate_toy_data(seed=3, num_examples=4000)
+  lengths = data.mask.sum(axis=1)
+  assert lengths.min() == 1 and lengths.max() == 10
+  assert np.all(data.query[:, 0] != data.query[:, 1])
+  in_query = ((data.digits == data.query[:, :1]) | (data.digits == data.query[:, 1:])) & data.mask
+  share = in_query.sum() / data.mask.sum()
+  assert abs(share - 0.5) < 0.02, share  # half the positions come from the query
+  # each of the eight other digits is equally likely among the rest
+  others = data.digits[(~in_query) & data.mask]
+  assert len(np.unique(others)) == 10
+  count_n = ((data.digits == data.query[:, :1]) & data.mask).sum(axis=1)
+  count_m = ((data.digits == data.query[:, 1:]) & data.mask).sum(axis=1)
+  np.testing.assert_array_equal(data.labels, (count_n > count_m).astype(int))
+  np.testing.assert_array_equal(data.digits[~data.mask], 0)
+
+
+def test_generator_is_seeded():
+  a, b = generate_toy_data(7, 100), generate_toy_data(7, 100)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(generate_toy_data(8, 100).digits, a.digits)
+
+
+def test_split_and_batches():
+  data = generate_toy_data(0, 1000)
+  train, val = split_toy_data(data, 0.1)
+  assert len(train) == 900 and len(val) == 100
+  batches = list(iterate_batches(val, 32))
+  assert [len(b) for b in batches] == [32, 32, 32, 4]
+  assert [len(b) for b in iterate_batches(val, 32, drop_remainder=True)] == [32, 32, 32]
+  with pytest.raises(ValueError):
+    split_toy_data(data, 1.5)
+  with pytest.raises(ValueError):
+    generate_toy_data(0, num_examples=0)
+
+
+def test_ground_truth_uniform_over_query_digits():
+  data = generate_toy_data(1, 50)
+  truth = ground_truth_attribution(data)
+  for row, digits, mask, query in zip(truth, data.digits, data.mask, data.query):
+    relevant = np.isin(digits, query) & mask
+    if relevant.any():
+      np.testing.assert_allclose(row[relevant], 1.0 / relevant.sum())
+      np.testing.assert_array_equal(row[~relevant], 0.0)
+    else:
+      np.testing.assert_array_equal(row, 0.0)
+
+
+@pytest.fixture(scope='module')
+def tiny_model():
+  model = ToyModel(ToyModelConfig.tiny())
+  params = model.init(jax.random.key(0))
+  batch = generate_toy_data(0, 8).as_batch()
+  return model, params, batch
+
+
+def test_states_shapes(tiny_model):
+  model, params, batch = tiny_model
+  logits, states = model.forward(params, batch)
+  assert logits.shape == (8, 2)
+  assert [s.shape for s in states] == [(8, 10, d) for d in model.state_dims]
+
+
+@pytest.mark.parametrize('traced', [False, True], ids=['int', 'traced'])
+def test_resumed_pass_equals_full_pass(tiny_model, traced):
+  """Resuming at depth l with h_l replaced equals recomputing everything with that h_l."""
+  model, params, batch = tiny_model
+  logits, states = model.forward(params, batch)
+  for layer in range(3):
+    identity = model.forward_from(params, batch, states, jnp.asarray(layer) if traced else layer,
+                                  lambda k, h: h)
+    np.testing.assert_allclose(identity, logits, rtol=1e-5, atol=1e-6)
+  # replace h1 by noise: resuming from 1 must equal running the GRU and head on that noise
+  noise = jax.random.normal(jax.random.key(1), states[1].shape)
+  resumed = model.forward_from(params, batch, states, jnp.asarray(1) if traced else 1,
+                               lambda k, h: noise if k == 1 else h)
+  expected = model.module.apply(
+      params, model.module.apply(params, noise, method='recurrent'), batch['mask'],
+      method='classify')
+  np.testing.assert_allclose(resumed, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_reads_last_real_position(tiny_model):
+  model, params, batch = tiny_model
+  logits, _ = model.forward(params, batch)
+  padded = dict(batch, digits=np.where(batch['mask'], batch['digits'], 7))
+  np.testing.assert_allclose(model.forward(params, padded)[0], logits, rtol=1e-6)
+
+
+def test_tiny_model_learns():
+  data = generate_toy_data(0, 600)
+  train, val = split_toy_data(data)
+  model = ToyModel(ToyModelConfig.tiny())
+  losses = []
+  params = train_toy_model(model, train, epochs=6, batch_size=32, progress=False,
+                           on_epoch=lambda epoch, loss: losses.append(loss))
+  assert losses[-1] < losses[0]
+  assert accuracy(model, params, train) > 0.6
+
+
+@pytest.mark.parametrize('bad', [dict(embedding_dim=0), dict(gru_dim=-1),
+                                 dict(feedforward_activation='sigmoid')])
+def test_model_config_rejects_nonsense(bad):
+  with pytest.raises(ValueError):
+    ToyModelConfig(**bad)

@@ -1,0 +1,182 @@
+"""Tests of the DiffMask train step: one step, the dual ascent, NaN safety, layer sampling."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dmx import probes, train
+from dmx.data.toy import generate_toy_data
+from dmx.models.toy import ToyModel, ToyModelConfig
+
+
+@pytest.fixture(scope='module')
+def toy_setup():
+  model = ToyModel(ToyModelConfig.tiny())
+  frozen = model.init(jax.random.key(0))
+  data = generate_toy_data(0, num_examples=32)
+  return model, frozen, data.as_batch()
+
+
+def _state(model, frozen, batch, config, initial_logit=5.0):
+  probe = probes.DiffMaskProbe(gate=config.gate, state_dims=model.state_dims, hidden_size=8,
+                               initial_logit=initial_logit)
+  params = train.init_probe_params(jax.random.key(1), model, probe, frozen, batch)
+  return probe, train.init_state(config, params, len(model.state_dims))
+
+
+@pytest.mark.parametrize('gate', ['input', 'hidden'])
+@pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])
+def test_one_step_updates_probe_and_multiplier(toy_setup, gate, use_jit):
+  model, frozen, batch = toy_setup
+  config = train.DiffMaskConfig(gate=gate, warmup_steps=0, margin=0.0)
+  probe, state = _state(model, frozen, batch, config)
+  step = train.make_train_step(model, probe, config)
+  if use_jit:
+    step = jax.jit(step)
+  before = jax.device_get(state)
+  new_state, metrics = step(state, frozen, batch, jax.random.key(2))
+  assert int(new_state.step) == 1
+  layer = int(metrics['layer_index'])
+  assert 0 <= layer < 3
+  assert int(new_state.running_steps[layer]) == 1 and int(new_state.running_steps.sum()) == 1
+  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                                   before.params.fast, jax.device_get(new_state.params.fast))
+  assert any(jax.tree_util.tree_leaves(changed)), 'no probe parameter moved'
+  for name, value in metrics.items():
+    assert np.isfinite(np.asarray(value)).all(), name
+  # with margin 0 and a positive divergence the multiplier of that layer rises, the others stay
+  multipliers = np.asarray(new_state.lagrange_multipliers)
+  if float(metrics['divergence']) > 0:
+    assert multipliers[layer] > 1.0
+  others = np.delete(multipliers, layer)
+  np.testing.assert_array_equal(others, 1.0)
+
+
+def test_jit_and_nojit_agree(toy_setup):
+  model, frozen, batch = toy_setup
+  config = train.DiffMaskConfig(gate='hidden', warmup_steps=0)
+  probe, state = _state(model, frozen, batch, config)
+  step = train.make_train_step(model, probe, config)
+  key = jax.random.key(3)
+  eager_state, eager_metrics = step(state, frozen, batch, key)
+  jit_state, jit_metrics = jax.jit(step)(state, frozen, batch, key)
+  np.testing.assert_allclose(eager_metrics['loss'], jit_metrics['loss'], rtol=1e-5, atol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         eager_state.params, jit_state.params)
+
+
+def _run(model, frozen, batch, config, steps, initial_logit=5.0):
+  probe, state = _state(model, frozen, batch, config, initial_logit)
+  step = jax.jit(train.make_train_step(model, probe, config), donate_argnums=0)
+  trace = []
+  for i in range(steps):
+    state, metrics = step(state, frozen, batch, jax.random.fold_in(jax.random.key(4), i))
+    trace.append(float(state.lagrange_multipliers[1]))
+  return state, np.array(trace)
+
+
+def test_multiplier_rises_while_constraint_violated(toy_setup):
+  model, frozen, batch = toy_setup
+  # margin 0 with half-open gates: the masked output always differs, D - m > 0
+  config = train.DiffMaskConfig(gate='hidden', margin=0.0, layers=(1,), warmup_steps=0,
+                                dual_optimizer='sgd', multiplier_learning_rate=1.0)
+  _, trace = _run(model, frozen, batch, config, 30, initial_logit=0.0)
+  assert np.all(np.diff(trace) > 0), trace
+  assert trace[-1] > 1.0
+
+
+def test_multiplier_falls_to_zero_when_constraint_satisfied(toy_setup):
+  model, frozen, batch = toy_setup
+  # a margin no divergence can reach: D - m < 0, so lambda descends and is projected at 0
+  config = train.DiffMaskConfig(gate='hidden', margin=100.0, layers=(1,), warmup_steps=0)
+  state, trace = _run(model, frozen, batch, config, 40)
+  assert trace[0] < 1.0
+  assert np.all(np.diff(trace) <= 0)
+  assert trace[-1] == 0.0
+  assert np.all(np.asarray(state.multipliers.slow) >= 0)
+
+
+def test_multiplier_is_capped(toy_setup):
+  model, frozen, batch = toy_setup
+  config = train.DiffMaskConfig(gate='hidden', margin=0.0, layers=(1,), warmup_steps=0,
+                                dual_optimizer='sgd', multiplier_learning_rate=1e4,
+                                multiplier_max=7.0)
+  state, trace = _run(model, frozen, batch, config, 3, initial_logit=0.0)
+  assert trace.max() == 7.0
+
+
+class _NegInfModel:
+  """A stand-in for extractive QA: outputs with -inf on padded positions."""
+  state_dims = (4, 4)
+
+  def forward(self, params, batch):
+    h0 = batch['embeddings']
+    return self._head(params, batch, h0), (h0, jnp.tanh(h0))
+
+  def forward_from(self, params, batch, states, layer_index, intervention):
+    h = jax.lax.switch(layer_index, (lambda s: intervention(0, s[0]), lambda s: intervention(1, s[1])),
+                       states)
+    return self._head(params, batch, h)
+
+  def _head(self, params, batch, h):
+    scores = jnp.einsum('bsd,d->bs', h, params)
+    scores = jnp.where(batch['mask'], scores, -jnp.inf)
+    return jnp.stack([scores, 2 * scores], axis=1)  # (batch, 2 heads, seq)
+
+
+@pytest.mark.parametrize('gate', ['input', 'hidden'])
+def test_no_nan_with_minus_inf_logits(gate):
+  model = _NegInfModel()
+  rng = np.random.default_rng(0)
+  mask = np.ones((3, 6), bool)
+  mask[0, 4:] = False
+  mask[1, 1:] = False  # length-1 input
+  batch = {'embeddings': jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32),
+           'mask': jnp.asarray(mask)}
+  frozen = jnp.ones((4,), jnp.float32)
+  config = train.DiffMaskConfig(gate=gate, warmup_steps=0)
+  probe = probes.DiffMaskProbe(gate=gate, state_dims=model.state_dims, hidden_size=4)
+  params = train.init_probe_params(jax.random.key(0), model, probe, frozen, batch)
+  state = train.init_state(config, params, 2)
+  step = jax.jit(train.make_train_step(model, probe, config))
+  for i in range(5):
+    state, metrics = step(state, frozen, batch, jax.random.key(i))
+    for name, value in metrics.items():
+      assert np.isfinite(np.asarray(value)).all(), (name, value)
+  for leaf in jax.tree_util.tree_leaves(state):
+    if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+      assert np.isfinite(np.asarray(leaf)).all()
+
+
+def test_layer_sampling_restricted_and_slowed():
+  config = train.DiffMaskConfig(layers=(0, 2))
+  state = train.DiffMaskState(
+      step=jnp.zeros((), jnp.int32), params=None, opt_state=None, multipliers=None,
+      multiplier_opt_state=None, running_agreement=jnp.array([0.9, 0.9, 0.9]),
+      running_l0=jnp.array([0.05, 0.05, 0.5]), running_steps=jnp.array([200, 200, 200]))
+  np.testing.assert_allclose(np.exp(train.layer_logits(state, config)), [1.0, 0.0, 1.0])
+  slowed = dataclasses.replace(config, slow_converged_layers=True)
+  # state 0 converged (agreement > .75, l0 < .1, > 100 steps), state 2 did not
+  np.testing.assert_allclose(np.exp(train.layer_logits(state, slowed)), [0.1, 0.0, 1.0],
+                             rtol=1e-6)
+  young = state._replace(running_steps=jnp.array([50, 50, 50]))
+  np.testing.assert_allclose(np.exp(train.layer_logits(young, slowed)), [1.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(gate='output'), dict(margin=-1.0), dict(divergence='l1'), dict(sparsity='l1'),
+    dict(temperature=0.0), dict(stretch=(0.1, 1.0)), dict(multiplier_max=-1.0),
+    dict(multiplier_init=300.0), dict(layers=()), dict(dual_optimizer='adam'),
+])
+def test_config_rejects_nonsense(overrides):
+  with pytest.raises(ValueError):
+    train.DiffMaskConfig(**overrides)
+
+
+def test_layers_out_of_range_rejected():
+  config = train.DiffMaskConfig(layers=(5,))
+  with pytest.raises(ValueError, match='out of range'):
+    train.init_state(config, {}, 3)
