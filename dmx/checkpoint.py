@@ -45,9 +45,18 @@ def save(path: str | os.PathLike, tree, metadata: dict | None = None) -> Path:
   return path
 
 
+def _readable(path: str | os.PathLike) -> Path:
+  """``path``, or its ``.previous`` copy when a save died between its two renames."""
+  path = Path(path).absolute()
+  previous = path.with_name(path.name + '.previous')
+  if not (path / 'metadata.json').is_file() and (previous / 'metadata.json').is_file():
+    return previous
+  return path
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
   """The metadata saved with the checkpoint at ``path``."""
-  metadata_file = Path(path) / 'metadata.json'
+  metadata_file = _readable(path) / 'metadata.json'
   if not metadata_file.is_file():
     raise CheckpointError(f'no checkpoint at {path} (missing metadata.json)')
   try:
@@ -58,12 +67,20 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 def restore(path: str | os.PathLike, target):
   """Restores the pytree at ``path`` into the structure and shapes of ``target``."""
-  path = Path(path).absolute()
   read_metadata(path)
+  path = _readable(path)
   abstract = jax.tree_util.tree_map(
       lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), np.asarray(leaf).dtype), target)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      return checkpointer.restore(path / 'state', abstract)
+      restored = checkpointer.restore(path / 'state', abstract)
   except Exception as error:  # orbax raises many types for bad or mismatched files
     raise CheckpointError(f'cannot restore checkpoint {path}: {error}') from error
+  # orbax hands back the saved shape whatever the target asks for: check it here
+  leaves, _ = jax.tree_util.tree_flatten_with_path(restored)
+  mismatched = [f'{jax.tree_util.keystr(key)}: saved {np.shape(leaf)}, expected {want.shape}'
+                for (key, leaf), want in zip(leaves, jax.tree_util.tree_leaves(abstract))
+                if np.shape(leaf) != want.shape]
+  if mismatched:
+    raise CheckpointError(f'checkpoint {path} does not match the target: ' + '; '.join(mismatched))
+  return restored

@@ -43,6 +43,7 @@ class ToyExperimentConfig:
   epochs: int = 30
   batch_size: int = 64
   learning_rate: float = 3e-3
+  confidence_penalty: float = 0.35
   diffmask_steps: int = 20_000
   diffmask_batch_size: int = 64
   probe_form: str = 'mlp'
@@ -57,6 +58,8 @@ class ToyExperimentConfig:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
     if self.diffmask_steps < 0 or self.num_heatmap_examples < 0:
       raise ValueError('diffmask_steps and num_heatmap_examples must be >= 0')
+    if self.confidence_penalty < 0:
+      raise ValueError(f'confidence_penalty must be >= 0, got {self.confidence_penalty}')
     if not self.learning_rate > 0:
       raise ValueError(f'learning_rate must be > 0, got {self.learning_rate}')
     if self.probe_form not in probes.VOTE_FORMS:
@@ -77,7 +80,8 @@ class ToyExperimentConfig:
     """What determines the trained toy classifier; a checkpoint is reused only if it matches."""
     return dict(seed=self.seed, num_examples=self.num_examples, max_length=self.max_length,
                 validation_fraction=self.validation_fraction, model=dataclasses.asdict(self.model),
-                epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate)
+                epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+                confidence_penalty=self.confidence_penalty)
 
 
 def _endless_batches(data: ToyData, batch_size: int, seed: int):
@@ -101,7 +105,7 @@ def load_or_train_model(config: ToyExperimentConfig, train_data: ToyData, checkp
     log(f'the checkpoint in {checkpoint_dir} was trained with other settings; retraining')
   params = train_toy_model(model, train_data, seed=config.seed, epochs=config.epochs,
                            batch_size=config.batch_size, learning_rate=config.learning_rate,
-                           progress=progress)
+                           confidence_penalty=config.confidence_penalty, progress=progress)
   checkpoint.save(checkpoint_dir, params, fingerprint)
   return model, params, False
 
