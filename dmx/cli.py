@@ -49,6 +49,8 @@ def _add_toy_parser(subparsers) -> None:
   parser.add_argument('--diffmask-steps', type=int, default=defaults.diffmask_steps,
                       help='DiffMask training steps per gate type')
   parser.add_argument('--probe-form', choices=('mlp', 'bilinear'), default=defaults.probe_form)
+  parser.add_argument('--sparsity', choices=('log_l0', 'l0'), default=defaults.sparsity,
+                      help="sparsity loss: the original's mean log P(z!=0), or expected L0")
   parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
 
 
@@ -59,7 +61,7 @@ def _run_toy(args) -> int:
     config = ToyExperimentConfig(
         seed=args.seed, num_examples=args.num_examples, epochs=args.epochs,
         batch_size=args.batch_size, diffmask_steps=args.diffmask_steps,
-        probe_form=args.probe_form,
+        probe_form=args.probe_form, sparsity=args.sparsity,
         model=dataclasses.replace(ToyExperimentConfig().model,
                                   feedforward_dim=args.feedforward_dim))
   except ValueError as error:

@@ -17,7 +17,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from dmx import attribute, checkpoint, metrics, probes, train, viz
+from dmx import attribute, checkpoint, metrics, objective, probes, train, viz
 from dmx.data.toy import (ToyData, generate_toy_data, ground_truth_attribution, iterate_batches,
                           split_toy_data)
 from dmx.models.toy import STATE_NAMES, ToyModel, ToyModelConfig, accuracy, train_toy_model
@@ -26,9 +26,9 @@ from dmx.models.toy import STATE_NAMES, ToyModel, ToyModelConfig, accuracy, trai
 FEEDFORWARD_STATE = 1
 
 
-def toy_diffmask_config(gate: str) -> train.DiffMaskConfig:
+def toy_diffmask_config(gate: str, sparsity: str = 'log_l0') -> train.DiffMaskConfig:
   """DiffMask settings for the toy task: margin 0.05, faster rates than BERT's."""
-  return train.DiffMaskConfig(gate=gate, margin=0.05, probe_learning_rate=1e-3,
+  return train.DiffMaskConfig(gate=gate, margin=0.05, sparsity=sparsity, probe_learning_rate=1e-3,
                               baseline_learning_rate=3e-3, warmup_steps=500)
 
 
@@ -47,6 +47,7 @@ class ToyExperimentConfig:
   diffmask_steps: int = 20_000
   diffmask_batch_size: int = 64
   probe_form: str = 'mlp'
+  sparsity: str = 'log_l0'
   probe_hidden_size: int = 64
   num_heatmap_examples: int = 4
 
@@ -64,6 +65,8 @@ class ToyExperimentConfig:
       raise ValueError(f'learning_rate must be > 0, got {self.learning_rate}')
     if self.probe_form not in probes.VOTE_FORMS:
       raise ValueError(f'probe_form must be one of {probes.VOTE_FORMS}, got {self.probe_form!r}')
+    if self.sparsity not in objective.SPARSITY_LOSSES:
+      raise ValueError(f'sparsity must be one of {objective.SPARSITY_LOSSES}, got {self.sparsity!r}')
     num_validation = int(round(self.num_examples * self.validation_fraction))
     if not 0 < num_validation < self.num_examples:
       raise ValueError('num_examples and validation_fraction leave an empty split')
@@ -132,7 +135,7 @@ def run_toy(config: ToyExperimentConfig, out_dir: str | Path, *, progress: bool 
   val_batch = validation.as_batch()
   methods, per_layer, histories, keep_probs = {}, {}, {}, {}
   for gate_index, gate in enumerate(('input', 'hidden')):
-    dm_config = toy_diffmask_config(gate)
+    dm_config = toy_diffmask_config(gate, config.sparsity)
     probe = probes.DiffMaskProbe(gate=gate, state_dims=model.state_dims, form=config.probe_form,
                                  hidden_size=config.probe_hidden_size)
     batches = _endless_batches(train_data, config.diffmask_batch_size, config.seed + 1 + gate_index)
