@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use('Agg')  # figures are written to files; no display is needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def keep_probability_heatmaps(keep_prob, tokens: Sequence[Sequence[str]],
@@ -45,7 +42,7 @@ def keep_probability_heatmaps(keep_prob, tokens: Sequence[Sequence[str]],
       ax.set_title(titles[index], fontsize=9)
   fig.colorbar(image, ax=axes[0].tolist(), label='keep probability', shrink=0.9)
   if suptitle:
-    fig.suptitle(suptitle)
+    fig.suptitle(suptitle, y=1.08)
   return fig
 
 

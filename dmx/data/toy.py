@@ -93,3 +93,11 @@ def iterate_batches(data: ToyData, batch_size: int, rng: np.random.Generator | N
   stop = len(data) - (len(data) % batch_size if drop_remainder else 0)
   for start in range(0, stop, batch_size):
     yield data.take(order[start:start + batch_size])
+
+
+def endless_batches(data: ToyData, batch_size: int, seed: int) -> Iterator[dict]:
+  """Model-ready batch dicts, reshuffled every pass, forever (for ``dmx.train.fit``)."""
+  rng = np.random.default_rng(seed)
+  while True:
+    for batch in iterate_batches(data, batch_size, rng, drop_remainder=len(data) >= batch_size):
+      yield batch.as_batch()

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from dmx import attribute, checkpoint, metrics, objective, probes, train, viz
-from dmx.data.toy import (ToyData, generate_toy_data, ground_truth_attribution, iterate_batches,
+from dmx.data.toy import (ToyData, endless_batches, generate_toy_data, ground_truth_attribution,
                           split_toy_data)
 from dmx.models.toy import STATE_NAMES, ToyModel, ToyModelConfig, accuracy, train_toy_model
 
@@ -87,13 +87,6 @@ class ToyExperimentConfig:
                 confidence_penalty=self.confidence_penalty)
 
 
-def _endless_batches(data: ToyData, batch_size: int, seed: int):
-  rng = np.random.default_rng(seed)
-  while True:
-    for batch in iterate_batches(data, batch_size, rng, drop_remainder=len(data) >= batch_size):
-      yield batch.as_batch()
-
-
 def load_or_train_model(config: ToyExperimentConfig, train_data: ToyData, checkpoint_dir: Path,
                         progress: bool, log: Callable[[str], None]):
   """Restores the toy classifier from ``checkpoint_dir`` if it was trained the same way."""
@@ -138,7 +131,7 @@ def run_toy(config: ToyExperimentConfig, out_dir: str | Path, *, progress: bool 
     dm_config = toy_diffmask_config(gate, config.sparsity)
     probe = probes.DiffMaskProbe(gate=gate, state_dims=model.state_dims, form=config.probe_form,
                                  hidden_size=config.probe_hidden_size)
-    batches = _endless_batches(train_data, config.diffmask_batch_size, config.seed + 1 + gate_index)
+    batches = endless_batches(train_data, config.diffmask_batch_size, config.seed + 1 + gate_index)
     probe_key, run_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), gate_index))
     probe_params = train.init_probe_params(probe_key, model, probe, frozen_params, next(batches))
     state = train.init_state(dm_config, probe_params, len(model.state_dims))
