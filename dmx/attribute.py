@@ -31,6 +31,13 @@ class Attribution(NamedTuple):
   outputs: jax.Array
 
 
+def deterministic_gates(config: DiffMaskConfig, vote_logits: jax.Array) -> jax.Array:
+  """Test-time gates of every depth ``(num_states, batch, seq)``: input gates multiply votes."""
+  gates = hard_concrete.deterministic_gate(vote_logits, temperature=config.temperature,
+                                           stretch=config.stretch)
+  return jnp.cumprod(gates, axis=0) if config.gate == 'input' else gates
+
+
 def attribute(model: MaskableModel, frozen_params, probe: nn.Module, probe_params,
               config: DiffMaskConfig, batch: dict) -> Attribution:
   """Keep probabilities and test-time gates of every token at every depth."""
@@ -38,9 +45,7 @@ def attribute(model: MaskableModel, frozen_params, probe: nn.Module, probe_param
   vote_logits = probe.apply(probe_params, states)
   kwargs = dict(temperature=config.temperature, stretch=config.stretch)
   keep_prob = jnp.exp(probes.gate_log_keep_probs(config.gate, vote_logits, **kwargs))
-  gates = hard_concrete.deterministic_gate(vote_logits, **kwargs)
-  if config.gate == 'input':
-    gates = jnp.cumprod(gates, axis=0)
+  gates = deterministic_gates(config, vote_logits)
   mask = batch['mask'][None].astype(jnp.float32)
   return Attribution(keep_prob * mask, gates * mask, outputs)
 
@@ -60,10 +65,7 @@ def masked_agreement(model: MaskableModel, frozen_params, probe: nn.Module, prob
   baselines = probe.apply(probe_params, method='baseline_vectors')
   kwargs = dict(temperature=config.temperature, stretch=config.stretch)
   if key is None:
-    gates = hard_concrete.deterministic_gate(vote_logits, **kwargs)
-    if config.gate == 'input':
-      gates = jnp.cumprod(gates, axis=0)
-    gates = gates[layer_index]
+    gates = deterministic_gates(config, vote_logits)[layer_index]
   else:
     gates, _ = probes.sample_gates(config.gate, key, vote_logits, layer_index, **kwargs)
   masked_outputs = masked_pass(model, frozen_params, batch, states, config.gate, gates, baselines,

@@ -97,11 +97,7 @@ class DiffMaskProbe(nn.Module):
     if self.form == 'mlp':
       kwargs['hidden_size'] = self.hidden_size
     self.votes = [vote_cls(name=f'vote_{k}', **kwargs) for k in range(len(self.state_dims))]
-    baseline_dims = self.state_dims[:1] if self.gate == 'input' else self.state_dims
-    self.baselines = [
-        self.param(f'baseline_{k}', nn.initializers.zeros_init(), (dim,), jnp.float32)
-        for k, dim in enumerate(baseline_dims)
-    ]
+    self.baselines = _baseline_params(self, self.gate, self.state_dims)
 
   def __call__(self, states: Sequence[jax.Array]) -> jax.Array:
     """Vote logits ``(num_states, batch, seq)`` (float32) from states ``h0..hL``."""
@@ -140,11 +136,7 @@ class PerExampleProbe(nn.Module):
     self.logits = self.param(
         'free_logits', nn.initializers.constant(self.initial_logit),
         (len(self.state_dims), self.num_examples, self.max_length), jnp.float32)
-    baseline_dims = self.state_dims[:1] if self.gate == 'input' else self.state_dims
-    self.baselines = [
-        self.param(f'baseline_{k}', nn.initializers.zeros_init(), (dim,), jnp.float32)
-        for k, dim in enumerate(baseline_dims)
-    ]
+    self.baselines = _baseline_params(self, self.gate, self.state_dims)
 
   def __call__(self, states: Sequence[jax.Array]) -> jax.Array:
     """Vote logits ``(num_states, num_examples, seq)``; ``states`` only set the length."""
@@ -153,6 +145,13 @@ class PerExampleProbe(nn.Module):
 
   def baseline_vectors(self) -> tuple[jax.Array, ...]:
     return tuple(self.baselines)
+
+
+def _baseline_params(module: nn.Module, gate: str, state_dims: Sequence[int]) -> list:
+  """Zero-initialised baselines: one for the input, or one per state for hidden gates."""
+  dims = state_dims[:1] if gate == 'input' else state_dims
+  return [module.param(f'baseline_{k}', nn.initializers.zeros_init(), (dim,), jnp.float32)
+          for k, dim in enumerate(dims)]
 
 
 def average_with_earlier_layers(vote_logits: jax.Array) -> jax.Array:
