@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dmx.data.toy import generate_toy_data, ground_truth_attribution, iterate_batches, split_toy_data
-from dmx.models.toy import ToyModel, ToyModelConfig, accuracy, train_toy_model
+from dmx.models.toy import ToyModel, ToyModelConfig, accuracy, classifier_loss, train_toy_model
 
 
 def test_generator_statistics_and_labels():
@@ -115,3 +115,21 @@ def test_tiny_model_learns():
 def test_model_config_rejects_nonsense(bad):
   with pytest.raises(ValueError):
     ToyModelConfig(**bad)
+
+
+def test_classifier_loss_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 2)) * 3
+  labels = rng.integers(0, 2, size=6)
+  # float64 reference: softmax cross-entropy, and the entropy of a softmax over the batch of margins
+  log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  cross_entropy = -log_softmax[np.arange(6), labels].mean()
+  margins = logits[:, 1] - logits[:, 0]
+  batch_probs = np.exp(margins - margins.max()) / np.exp(margins - margins.max()).sum()
+  entropy = -(batch_probs * np.log(batch_probs)).sum()
+  loss = classifier_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), 0.1)
+  np.testing.assert_allclose(float(loss), cross_entropy - 0.1 * entropy, rtol=1e-5)
+  # equal margins maximise the entropy at log(batch); the penalty then lowers the loss by 0.1*log 6
+  flat = jnp.zeros((6, 2))
+  np.testing.assert_allclose(float(classifier_loss(flat, jnp.asarray(labels), 0.1)),
+                             np.log(2) - 0.1 * np.log(6), rtol=1e-5)

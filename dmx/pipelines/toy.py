@@ -40,10 +40,10 @@ class ToyExperimentConfig:
   max_length: int = 10
   validation_fraction: float = 0.1
   model: ToyModelConfig = ToyModelConfig(feedforward_dim=2)
-  epochs: int = 30
-  batch_size: int = 64
+  epochs: int = 50
+  batch_size: int = 128
   learning_rate: float = 3e-3
-  confidence_penalty: float = 0.35
+  confidence_penalty: float = 0.1
   diffmask_steps: int = 20_000
   diffmask_batch_size: int = 64
   probe_form: str = 'mlp'
