@@ -10,12 +10,14 @@ prediction. The pieces:
 * :mod:`dmx.optim`: the saddle-point optimisers, on optax;
 * :mod:`dmx.train`: the config, state and jitted train step;
 * :mod:`dmx.attribute`: keep probabilities from a trained probe;
-* :mod:`dmx.models`: frozen models with explicit injection points.
+* :mod:`dmx.models`: frozen models with explicit injection points (toy, BERT/RoBERTa);
+* :mod:`dmx.data`: the toy generator, SST-5 and SQuAD readers.
 """
 
 from dmx import attribute, checkpoint, hard_concrete, metrics, objective, optim, probes, train
 from dmx.attribute import Attribution, masked_agreement
-from dmx.models import MaskableModel, ToyModel, ToyModelConfig
+from dmx.models import (BertConfig, BertModel, MaskableModel, ModelLoadError, ToyModel, ToyModelConfig,
+                        load_pretrained)
 from dmx.probes import DiffMaskProbe, PerExampleProbe
 from dmx.train import DiffMaskConfig, DiffMaskState, fit, init_probe_params, init_state, make_train_step
 

@@ -1,3 +1,8 @@
-"""Data: generators and readers for DiffMask experiments."""
+"""Data: the toy generator and readers for SST-5 and SQuAD v1.1.
 
-from dmx.data.toy import ToyData, endless_batches, generate_toy_data, ground_truth_attribution, iterate_batches, split_toy_data
+Each module has its own ``iterate_batches``; import the module
+(``from dmx.data import sst``) rather than the name.
+"""
+
+from dmx.data import squad, sst, toy
+from dmx.data.toy import ToyData, endless_batches, generate_toy_data, ground_truth_attribution, split_toy_data

@@ -1,0 +1,427 @@
+"""A BERT / RoBERTa encoder in Flax Linen with DiffMask's explicit injection points.
+
+transformers 5 dropped its Flax models, so dmx carries its own encoder. It
+reproduces Hugging Face's ``BertModel`` and ``RobertaModel`` (post-LayerNorm
+transformer, absolute position embeddings) and their sequence-classification
+and extractive question-answering heads; :mod:`dmx.models.hf_import` reads
+their checkpoints.
+
+States, ``L + 2`` of them, all ``(batch, seq, hidden)``:
+
+* ``h0``: the raw word-embedding lookup, before position and token-type
+  embeddings and LayerNorm (the original DiffMask's input gate masks this);
+* ``h1``: the embedding output, the input of layer 1;
+* ``h_{k+1}``: the output of layer ``k``, so ``h_{L+1}`` is the encoder output.
+
+:class:`BertModel` implements :class:`dmx.models.base.MaskableModel`. Its
+``forward_from`` resumes at a state index that may be traced: the layers sit
+stacked along a leading axis and one ``lax.scan`` runs them, each step behind a
+``lax.cond`` that skips layers below the injection point, so one compiled
+program serves every depth and stays reverse-differentiable.
+
+Parameters are a plain dict ``{'embeddings', 'layers', 'head'?}``: each entry
+is the ``'params'`` collection of one Linen module (``'layers'`` holds the
+``num_layers`` transformer layers stacked on axis 0). Parameters stay float32;
+``BertConfig.dtype = 'bfloat16'`` casts them for compute, keeps states in
+bfloat16 and returns float32 outputs. Attention logits, softmax, residual sums
+and LayerNorm statistics are float32 either way. (On GPU and TPU, XLA may run
+float32 matmuls with reduced-precision passes by default; use
+``jax.default_matmul_precision('float32')`` to match PyTorch to 1e-4.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmx.models.base import Intervention
+
+HEADS = ('classification', 'question_answering')
+CLASSIFIER_STYLES = ('bert', 'roberta')
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # erf form, HF's 'gelu'
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),  # tanh form
+    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'relu': jax.nn.relu,
+}
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Added to attention logits of padded keys. Finite, so a row without any real
+# key gives uniform weights rather than NaN; applied in float32 so it survives
+# bfloat16 compute.
+ATTENTION_MASK_VALUE = -1e9
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Sizes and options of a BERT-family encoder and its optional head.
+
+  ``position_offset`` is 0 for BERT (position ids ``0..S-1``). RoBERTa uses
+  ``pad_token_id + 1 = 2``: as Hugging Face's
+  ``create_position_ids_from_input_ids``, real tokens count from
+  ``position_offset`` and pad tokens (``input_ids == pad_token_id``) get
+  ``position_offset - 1``. ``classifier_style`` picks BERT's head (tanh pooler
+  on ``[CLS]``, then a linear classifier) or RoBERTa's (dense, tanh, out_proj
+  on ``<s>``).
+  """
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = 'gelu'
+  pad_token_id: int = 0
+  position_offset: int = 0
+  head: str | None = None
+  num_labels: int = 2
+  classifier_style: str = 'bert'
+  dtype: str = 'float32'
+  initializer_range: float = 0.02
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
+                 'max_position_embeddings', 'type_vocab_size', 'num_labels'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'hidden_size {self.hidden_size} is not divisible by '
+                       f'num_heads {self.num_heads}')
+    if not self.layer_norm_eps > 0:
+      raise ValueError(f'layer_norm_eps must be > 0, got {self.layer_norm_eps}')
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f'hidden_act must be one of {tuple(ACTIVATIONS)}, got {self.hidden_act!r}')
+    if not 0 <= self.pad_token_id < self.vocab_size:
+      raise ValueError(f'pad_token_id must be in [0, vocab_size={self.vocab_size}), '
+                       f'got {self.pad_token_id}')
+    if not 0 <= self.position_offset < self.max_position_embeddings:
+      raise ValueError(f'position_offset must be in [0, max_position_embeddings='
+                       f'{self.max_position_embeddings}), got {self.position_offset}')
+    if self.head is not None and self.head not in HEADS:
+      raise ValueError(f'head must be None (encoder only) or one of {HEADS}, got {self.head!r}')
+    if self.classifier_style not in CLASSIFIER_STYLES:
+      raise ValueError(f'classifier_style must be one of {CLASSIFIER_STYLES}, '
+                       f'got {self.classifier_style!r}')
+    if self.dtype not in COMPUTE_DTYPES:
+      raise ValueError(f'dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.dtype!r}')
+    if not self.initializer_range > 0:
+      raise ValueError(f'initializer_range must be > 0, got {self.initializer_range}')
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return COMPUTE_DTYPES[self.dtype]
+
+  @property
+  def max_sequence_length(self) -> int:
+    """The longest input the position embeddings cover."""
+    return self.max_position_embeddings - self.position_offset
+
+  @property
+  def num_states(self) -> int:
+    return self.num_layers + 2
+
+  @classmethod
+  def tiny(cls, **overrides) -> 'BertConfig':
+    """A 2-layer, 32-wide encoder for tests."""
+    return cls(**{**dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
+                         intermediate_size=64, max_position_embeddings=64), **overrides})
+
+  @classmethod
+  def minilm(cls, **overrides) -> 'BertConfig':
+    """all-MiniLM-L6-v2 / MiniLM-L6-H384-uncased: 6 layers, hidden 384, 12 heads."""
+    return cls(**{**dict(num_layers=6, hidden_size=384, num_heads=12, intermediate_size=1536),
+                  **overrides})
+
+  @classmethod
+  def base(cls, **overrides) -> 'BertConfig':
+    """bert-base: 12 layers, hidden 768, 12 heads."""
+    return cls(**overrides)
+
+  @classmethod
+  def large(cls, **overrides) -> 'BertConfig':
+    """bert-large: 24 layers, hidden 1024, 16 heads."""
+    return cls(**{**dict(num_layers=24, hidden_size=1024, num_heads=16, intermediate_size=4096),
+                  **overrides})
+
+
+def check_sequence_length(config: BertConfig, seq_len: int) -> None:
+  """Raises ``ValueError`` when ``seq_len`` exceeds what the position embeddings cover."""
+  if seq_len > config.max_sequence_length:
+    raise ValueError(f'input length {seq_len} exceeds the model limit of '
+                     f'{config.max_sequence_length} '
+                     f'tokens (max_position_embeddings={config.max_position_embeddings}, '
+                     f'position_offset={config.position_offset}); truncate the inputs')
+
+
+def position_ids(input_ids: jax.Array, config: BertConfig) -> jax.Array:
+  """Absolute position ids ``(batch, seq) int32``, as Hugging Face computes them."""
+  if config.position_offset == 0:
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+  is_real = (input_ids != config.pad_token_id).astype(jnp.int32)
+  # RoBERTa: real tokens count from position_offset, pad tokens sit on position_offset - 1
+  return jnp.cumsum(is_real, axis=1) * is_real + (config.position_offset - 1)
+
+
+def attention_bias(mask: jax.Array) -> jax.Array:
+  """``(batch, seq)`` real-token mask -> ``(batch, 1, 1, seq)`` float32 additive bias."""
+  bias = jnp.where(mask.astype(bool), 0.0, ATTENTION_MASK_VALUE).astype(jnp.float32)
+  return bias[:, None, None, :]
+
+
+def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=config.compute_dtype, param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
+def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.compute_dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+def _embed(config: BertConfig, rows: int, name: str) -> nn.Embed:
+  return nn.Embed(rows, config.hidden_size, dtype=config.compute_dtype, param_dtype=jnp.float32,
+                  embedding_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
+class Embeddings(nn.Module):
+  """Word lookup (``h0``), then + token type + position and LayerNorm (``h1``)."""
+  config: BertConfig
+
+  def setup(self):
+    c = self.config
+    self.word_embeddings = _embed(c, c.vocab_size, 'word_embeddings')
+    self.position_embeddings = _embed(c, c.max_position_embeddings, 'position_embeddings')
+    self.token_type_embeddings = _embed(c, c.type_vocab_size, 'token_type_embeddings')
+    self.layer_norm = _layer_norm(c, 'layer_norm')
+
+  def lookup(self, input_ids: jax.Array) -> jax.Array:
+    """``(batch, seq) int -> h0 (batch, seq, hidden)``."""
+    return self.word_embeddings(input_ids)
+
+  def combine(self, word_embedded: jax.Array, input_ids: jax.Array,
+              token_type_ids: jax.Array) -> jax.Array:
+    """``h0 (batch, seq, hidden) -> h1 (batch, seq, hidden)``; ids give positions and types."""
+    # HF's order of sums: (words + token types) + positions; in float32 for bfloat16 models
+    summed = (word_embedded.astype(jnp.float32)
+              + self.token_type_embeddings(token_type_ids).astype(jnp.float32)
+              + self.position_embeddings(position_ids(input_ids, self.config)).astype(jnp.float32))
+    return self.layer_norm(summed)
+
+  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+    return self.combine(self.lookup(input_ids), input_ids, token_type_ids)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention and its output projection (no residual)."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, bias: jax.Array) -> jax.Array:
+    """``(batch, seq, hidden), (batch, 1, 1, seq) -> (batch, seq, hidden)``."""
+    c = self.config
+    head_dim = c.hidden_size // c.num_heads
+    split_heads = lambda x: x.reshape(x.shape[:2] + (c.num_heads, head_dim))
+    query = split_heads(_dense(c, c.hidden_size, 'query')(hidden))  # (batch, seq, heads, head_dim)
+    key = split_heads(_dense(c, c.hidden_size, 'key')(hidden))
+    value = split_heads(_dense(c, c.hidden_size, 'value')(hidden))
+    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key,
+                        preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+    weights = jax.nn.softmax(logits + bias, axis=-1).astype(c.compute_dtype)  # (batch, heads, q, k)
+    context = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+    return _dense(c, c.hidden_size, 'output')(context.reshape(hidden.shape))
+
+
+class TransformerLayer(nn.Module):
+  """One post-LayerNorm BERT layer: ``h_k -> h_{k+1}``."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, bias: jax.Array) -> jax.Array:
+    """``(batch, seq, hidden), (batch, 1, 1, seq) -> (batch, seq, hidden)``."""
+    c = self.config
+    attended = SelfAttention(c, name='attention')(hidden, bias)
+    hidden = _layer_norm(c, 'attention_layer_norm')(
+        attended.astype(jnp.float32) + hidden.astype(jnp.float32))
+    intermediate = ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, 'intermediate')(hidden))
+    output = _dense(c, c.hidden_size, 'output')(intermediate)
+    return _layer_norm(c, 'output_layer_norm')(
+        output.astype(jnp.float32) + hidden.astype(jnp.float32))
+
+
+class ClassificationHead(nn.Module):
+  """Sequence classification from the first token: ``(batch, seq, hidden) -> (batch, labels)``."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, final_states: jax.Array, mask: jax.Array) -> jax.Array:
+    del mask  # the first token ([CLS] / <s>) is always real
+    c = self.config
+    first = final_states[:, 0]  # (batch, hidden)
+    if c.classifier_style == 'bert':
+      pooled = jnp.tanh(_dense(c, c.hidden_size, 'pooler')(first))
+      logits = _dense(c, c.num_labels, 'classifier')(pooled)
+    else:
+      hidden = jnp.tanh(_dense(c, c.hidden_size, 'dense')(first))
+      logits = _dense(c, c.num_labels, 'out_proj')(hidden)
+    return logits.astype(jnp.float32)
+
+
+class QuestionAnsweringHead(nn.Module):
+  """Span start and end logits: ``(batch, seq, hidden) -> (batch, 2, seq)``, pads at -inf."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, final_states: jax.Array, mask: jax.Array) -> jax.Array:
+    logits = _dense(self.config, 2, 'qa_outputs')(final_states).astype(jnp.float32)  # (b, s, 2)
+    logits = jnp.moveaxis(logits, -1, 1)
+    # padding can never be an answer; dmx.objective's KL is safe for -inf logits
+    return jnp.where(mask.astype(bool)[:, None, :], logits, -jnp.inf)
+
+
+HEAD_MODULES = {'classification': ClassificationHead, 'question_answering': QuestionAnsweringHead}
+
+
+class BertModel:
+  """A :class:`dmx.models.base.MaskableModel` over a BERT-family encoder.
+
+  Batches are dicts with ``'input_ids'`` ``(batch, seq)`` int, ``'mask'``
+  ``(batch, seq)`` true on real tokens, and optionally ``'token_type_ids'``
+  ``(batch, seq)`` (zeros when absent). Outputs are float32: classification
+  logits ``(batch, num_labels)``, QA logits ``(batch, 2, seq)`` (start, end;
+  padding at ``-inf``), or, without a head, the encoder output
+  ``(batch, seq, hidden)``.
+  """
+
+  def __init__(self, config: BertConfig):
+    self.config = config
+    self.embeddings = Embeddings(config)
+    self.layer = TransformerLayer(config)
+    self.head = HEAD_MODULES[config.head](config) if config.head is not None else None
+    # one compiled program: far faster than dispatching every initialiser eagerly
+    self._compiled_init = jax.jit(self._init, static_argnums=1)
+
+  @property
+  def state_dims(self) -> tuple[int, ...]:
+    return (self.config.hidden_size,) * self.config.num_states
+
+  def init(self, key: jax.Array, seq_len: int = 8) -> Params:
+    """Random parameters (normal(initializer_range) weights, zero biases, unit LayerNorm)."""
+    check_sequence_length(self.config, seq_len)
+    return self._compiled_init(key, seq_len)
+
+  def _init(self, key: jax.Array, seq_len: int) -> Params:
+    embeddings_key, layers_key, head_key = jax.random.split(key, 3)
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    hidden = jnp.zeros((1, seq_len, self.config.hidden_size), self.config.compute_dtype)
+    bias = attention_bias(jnp.ones((1, seq_len), bool))
+    init_layer = lambda layer_key: self.layer.init(layer_key, hidden, bias)['params']
+    params = {
+        'embeddings': self.embeddings.init(embeddings_key, ids, ids)['params'],
+        'layers': jax.vmap(init_layer)(jax.random.split(layers_key, self.config.num_layers)),
+    }
+    if self.head is not None:
+      params['head'] = self.init_head(head_key)
+    return params
+
+  def init_head(self, key: jax.Array) -> Params:
+    """Random parameters of the head alone (for a checkpoint that lacks them)."""
+    if self.head is None:
+      raise ValueError('this model has no head (config.head is None)')
+    hidden = jnp.zeros((1, 1, self.config.hidden_size), self.config.compute_dtype)
+    return self.head.init(key, hidden, jnp.ones((1, 1), bool))['params']
+
+  def _inputs(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Validated ``(input_ids, mask, token_type_ids)``, each ``(batch, seq)``."""
+    input_ids = jnp.asarray(batch['input_ids'])
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
+    check_sequence_length(self.config, input_ids.shape[1])
+    if 'mask' not in batch:
+      raise KeyError("batch needs 'mask', (batch, seq) true on real tokens")
+    mask = jnp.asarray(batch['mask']).astype(bool)
+    token_type_ids = batch.get('token_type_ids')
+    token_type_ids = (jnp.zeros_like(input_ids) if token_type_ids is None
+                      else jnp.asarray(token_type_ids))
+    return input_ids, mask, token_type_ids
+
+  def _run_layer(self, layer_params: Params, hidden: jax.Array, bias: jax.Array) -> jax.Array:
+    return self.layer.apply({'params': layer_params}, hidden, bias)
+
+  def _outputs(self, params: Params, final_states: jax.Array, mask: jax.Array) -> jax.Array:
+    if self.head is None:
+      return final_states.astype(jnp.float32)
+    return self.head.apply({'params': params['head']}, final_states, mask)
+
+  def forward(self, params: Params, batch: dict) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Clean pass: ``(outputs, (h0, ..., h_{L+1}))``, states ``(batch, seq, hidden)``."""
+    input_ids, mask, token_type_ids = self._inputs(batch)
+    bias = attention_bias(mask)
+    word_embedded = self.embeddings.apply({'params': params['embeddings']}, input_ids,
+                                          method=Embeddings.lookup)
+    embedded = self.embeddings.apply({'params': params['embeddings']}, word_embedded, input_ids,
+                                     token_type_ids, method=Embeddings.combine)
+
+    def step(hidden, layer_params):
+      hidden = self._run_layer(layer_params, hidden, bias)
+      return hidden, hidden
+
+    final, layer_outputs = jax.lax.scan(step, embedded, params['layers'])  # (L, b, s, h)
+    states = (word_embedded, embedded) + tuple(
+        layer_outputs[k] for k in range(self.config.num_layers))
+    return self._outputs(params, final, mask), states
+
+  def forward_from(self, params: Params, batch: dict, states: tuple[jax.Array, ...],
+                   layer_index, intervention: Intervention) -> jax.Array:
+    """Masked pass: ``h_l = intervention(l, states[l])``, then only what lies above ``h_l``.
+
+    ``l = 0`` recomputes the embedding sum and LayerNorm from the new ``h0``,
+    then every layer; ``l >= 1`` runs layers ``l..L`` from the new ``h_l``;
+    ``l = L + 1`` only the head. ``layer_index`` may be a Python int or a
+    traced int scalar (then one compiled program serves every depth, and
+    ``intervention`` receives the traced index).
+    """
+    input_ids, mask, token_type_ids = self._inputs(batch)
+    if len(states) != self.config.num_states:
+      raise ValueError(f'expected {self.config.num_states} states, got {len(states)}')
+    bias = attention_bias(mask)
+    embedding_params = {'params': params['embeddings']}
+    recombine = lambda word_embedded: self.embeddings.apply(
+        embedding_params, word_embedded, input_ids, token_type_ids, method=Embeddings.combine)
+
+    if isinstance(layer_index, (int, np.integer)):
+      layer_index = int(layer_index)
+      if not 0 <= layer_index < self.config.num_states:
+        raise ValueError(f'layer_index must be in [0, {self.config.num_states}), got {layer_index}')
+      replaced = intervention(layer_index, states[layer_index])
+      hidden = (recombine(replaced) if layer_index == 0
+                else replaced.astype(self.config.compute_dtype))
+      first_layer = max(layer_index, 1) - 1  # layer k (1-based) is row k - 1 of the stack
+      remaining = jax.tree.map(lambda stacked: stacked[first_layer:], params['layers'])
+      step = lambda hidden, layer_params: (self._run_layer(layer_params, hidden, bias), None)
+      final, _ = jax.lax.scan(step, hidden, remaining)
+      return self._outputs(params, final, mask)
+
+    layer_index = jnp.asarray(layer_index, jnp.int32)
+    replaced = intervention(layer_index, jnp.stack(states)[layer_index])
+    hidden = jax.lax.cond(layer_index == 0, recombine,
+                          lambda state: state.astype(self.config.compute_dtype), replaced)
+
+    def step(hidden, layer):
+      layer_number, layer_params = layer
+      # layer k maps h_k to h_{k+1}: layers below the injection point pass the carry through
+      hidden = jax.lax.cond(layer_number >= layer_index,
+                            lambda h: self._run_layer(layer_params, h, bias), lambda h: h, hidden)
+      return hidden, None
+
+    layer_numbers = jnp.arange(1, self.config.num_layers + 1, dtype=jnp.int32)
+    final, _ = jax.lax.scan(step, hidden, (layer_numbers, params['layers']))
+    return self._outputs(params, final, mask)
