@@ -515,3 +515,42 @@ def test_roberta_position_ids_follow_transformers():
   ids = jnp.array([[0, 5, 6, 2, 1, 1]])
   np.testing.assert_array_equal(bert_lib.position_ids(ids, config), [[2, 3, 4, 5, 1, 1]])
   np.testing.assert_array_equal(bert_lib.position_ids(ids, BertConfig.tiny()), [[0, 1, 2, 3, 4, 5]])
+
+
+def test_resumed_pass_equals_full_pytorch_pass_with_the_replaced_state(tmp_path):
+  """For every depth l, replacing h_l and resuming equals transformers' layers run from it.
+
+  The reference is independent of dmx's code: PyTorch's own embedding module,
+  encoder layers, pooler and classifier applied to the replaced state.
+  """
+  torch = pytest.importorskip('torch')
+  torch_model = tiny_hf_model('BertForSequenceClassification')
+  torch_model.save_pretrained(tmp_path)
+  model, params, _ = load_pretrained(tmp_path, head='classification', with_tokenizer=False)
+  batch = padded_batch(99, 0)
+  _, states = jax.jit(model.forward)(params, batch)
+  rng = np.random.default_rng(3)
+  as_torch = lambda name: torch.as_tensor(np.asarray(batch[name], np.int64))
+  # the additive (batch, 1, 1, seq) mask transformers' layers take: 0 on real keys, -inf-like on padding
+  extended_mask = (1.0 - as_torch('mask')[:, None, None, :].float()) * torch.finfo(torch.float32).min
+  layers = torch_model.bert.encoder.layer
+
+  @jax.jit
+  def resumed(layer_index, replacement):
+    return model.forward_from(params, batch, states, layer_index, lambda index, state: replacement)
+
+  for layer_index in range(len(model.state_dims)):
+    replacement = rng.normal(size=states[layer_index].shape).astype(np.float32)
+    with torch.no_grad():
+      hidden = torch.as_tensor(replacement)
+      if layer_index == 0:  # h0 is the word-embedding lookup: position/type/LayerNorm follow
+        hidden = torch_model.bert.embeddings(inputs_embeds=hidden,
+                                             token_type_ids=as_torch('token_type_ids'))
+      for layer in layers[max(layer_index - 1, 0):]:
+        hidden = layer(hidden, attention_mask=extended_mask)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+      expected = torch_model.classifier(torch_model.bert.pooler(hidden)).numpy()
+    with jax.default_matmul_precision('float32'):
+      got = np.asarray(resumed(jnp.int32(layer_index), jnp.asarray(replacement)))
+    np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=f'depth {layer_index}')
+  assert resumed._cache_size() == 1  # one compiled program served every depth
