@@ -1,0 +1,733 @@
+"""DiffMask on a fine-tuned BERT-family encoder: ``dmx diffmask sst`` and ``dmx diffmask squad``.
+
+1. load the frozen fine-tuned model (a Hugging Face folder with a trained
+   classification or question-answering head) and its tokenizer,
+2. train one DiffMask probe (input gates or hidden gates, one vote per state
+   ``h0..h_{L+1}``) with :func:`dmx.train.fit` on the training split,
+3. evaluate it on the evaluation split with the deterministic (median) gates:
+   at every depth ``l`` the model is rerun with the gates of depth ``l`` applied
+   (input gates mask ``h0`` with the product of the votes up to ``l``; hidden
+   gates mask ``h_l``), and predictions are compared with the clean ones and
+   with the gold labels,
+4. write ``report.json``, ``keep_prob.npz`` (per-depth keep probabilities of
+   every evaluated sentence / window), heatmaps (tokens x depths, as the
+   paper's Figures 7 and 9), for SST the Figure 8b aggregate, and the probe
+   checkpoint ``probe_<gate>/`` that :mod:`dmx.checkpoint` restores.
+
+The headline numbers of the report (``masked_fraction``, ``agreement``,
+``macro_f1_masked`` / ``exact_match_masked``...) are taken at
+``report['summary_depth']``: for input gates the deepest depth ``h_{L+1}``
+(the input mask that the votes of every layer agree on, what the paper's
+"masking 46.3% of input tokens" refers to); for hidden gates the mean over
+depths, each depth masked on its own ("67.6% of hidden states"). Masked
+fractions count real tokens only (``[CLS]`` and ``[SEP]`` included) and pool
+tokens over the whole split. ``per_layer`` holds every depth.
+
+Paper settings are the defaults: SST margin 0.1, batch 64, max length 84;
+SQuAD margin 1 (KL of start plus KL of end), batch 8, length 384; probe lr
+3e-4, baseline lr 1e-3, multiplier lr 0.3, warm-up 1200 steps. Input-gate
+baselines start from the model's ``[MASK]`` embedding, hidden-gate baselines
+from zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmx import attribute, checkpoint, metrics, objective, probes, train, viz
+from dmx.data import squad as squad_data
+from dmx.data.common import batch_indices
+from dmx.data import sst as sst_data
+from dmx.models.bert import BertModel
+from dmx.models.hf_import import load_pretrained
+
+TASKS = ('sst', 'squad')
+TASK_HEADS = {'sst': 'classification', 'squad': 'question_answering'}
+# the paper's settings per task (DESIGN.md)
+TASK_DEFAULTS = {
+    'sst': dict(margin=0.1, batch_size=64, max_length=84, steps=10_000, max_eval_examples=None,
+                eval_batch_size=64),
+    'squad': dict(margin=1.0, batch_size=8, max_length=384, steps=10_000, max_eval_examples=500,
+                  eval_batch_size=16),
+}
+EVAL_SPLITS = {'sst': ('dev', 'test'), 'squad': ('dev',)}
+TRAIN_SPLITS = {'sst': ('train', 'dev', 'test'), 'squad': ('train', 'dev')}
+REPORT_FILE = 'report.json'
+KEEP_PROB_FILE = 'keep_prob.npz'
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDiffMaskConfig:
+  """Everything ``dmx diffmask sst|squad`` runs; ``None`` fields take the task's default.
+
+  Attributes:
+    task: ``'sst'`` (SST-5 sentence classification) or ``'squad'`` (extractive QA).
+    model: a Hugging Face model folder with a fine-tuned head for the task.
+    gate: ``'input'`` or ``'hidden'``.
+    data_dir: folder holding ``sst/`` or ``squad/`` (default ``../shared/data``).
+    train_split, eval_split: the splits to train and to evaluate on.
+    steps: DiffMask training steps.
+    batch_size, max_length: training batch and sequence length (S).
+    eval_batch_size: evaluation batch (every batch padded to it: one compilation).
+    max_train_examples, max_eval_examples: keep the first so many examples (sentences
+      or questions); ``None`` keeps all, except SQuAD evaluation (default 500 questions).
+    margin: the tolerated divergence (SST 0.1, SQuAD 1).
+    warmup_steps, sparsity: passed to :class:`dmx.train.DiffMaskConfig`.
+    probe_form, probe_hidden_size: the probe (hidden size defaults to hidden / 4,
+      the original's ``hidden_attention``).
+    num_heatmap_examples: heatmaps drawn (one PNG each).
+    allow_random_head: accept a checkpoint without trained head weights (a random
+      head, for smoke tests and timing only).
+    dtype: the frozen model's compute dtype, ``'float32'`` or ``'bfloat16'``.
+    seed: seeds the probe initialisation, the batch order and the gate samples.
+  """
+  task: str
+  model: str
+  gate: str = 'input'
+  data_dir: str | None = None
+  train_split: str = 'train'
+  eval_split: str = 'dev'
+  steps: int | None = None
+  batch_size: int | None = None
+  max_length: int | None = None
+  eval_batch_size: int | None = None
+  max_train_examples: int | None = None
+  max_eval_examples: int | None = None
+  margin: float | None = None
+  warmup_steps: int = 1200
+  sparsity: str = 'log_l0'
+  probe_form: str = 'mlp'
+  probe_hidden_size: int | None = None
+  num_heatmap_examples: int = 4
+  allow_random_head: bool = False
+  dtype: str = 'float32'
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f'task must be one of {TASKS}, got {self.task!r}')
+    defaults = TASK_DEFAULTS[self.task]
+    for name in ('steps', 'batch_size', 'max_length', 'eval_batch_size', 'margin'):
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, defaults[name])
+    if self.max_eval_examples is None:
+      object.__setattr__(self, 'max_eval_examples', defaults['max_eval_examples'])
+    if self.gate not in probes.GATES:
+      raise ValueError(f'--gate must be one of {probes.GATES}, got {self.gate!r}')
+    if self.eval_split not in EVAL_SPLITS[self.task]:
+      raise ValueError(f'--eval-split must be one of {EVAL_SPLITS[self.task]} for {self.task}, '
+                       f'got {self.eval_split!r}')
+    if self.train_split not in TRAIN_SPLITS[self.task]:
+      raise ValueError(f'--train-split must be one of {TRAIN_SPLITS[self.task]} for {self.task}, '
+                       f'got {self.train_split!r}')
+    if self.steps < 0:
+      raise ValueError(f'--steps must be >= 0, got {self.steps}')
+    for name in ('batch_size', 'eval_batch_size', 'max_length'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(self, name)}')
+    if self.max_length < 8:
+      raise ValueError(f'--max-length must be >= 8, got {self.max_length}')
+    for name in ('max_train_examples', 'max_eval_examples'):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {value}')
+    if not (self.margin >= 0 and math.isfinite(self.margin)):
+      raise ValueError(f'--margin must be a finite number >= 0, got {self.margin}')
+    if self.warmup_steps < 0:
+      raise ValueError(f'--warmup-steps must be >= 0, got {self.warmup_steps}')
+    if self.sparsity not in objective.SPARSITY_LOSSES:
+      raise ValueError(f'--sparsity must be one of {objective.SPARSITY_LOSSES}, '
+                       f'got {self.sparsity!r}')
+    if self.probe_form not in probes.VOTE_FORMS:
+      raise ValueError(f'--probe-form must be one of {probes.VOTE_FORMS}, got {self.probe_form!r}')
+    if self.probe_hidden_size is not None and self.probe_hidden_size < 1:
+      raise ValueError(f'--probe-hidden-size must be >= 1, got {self.probe_hidden_size}')
+    if self.num_heatmap_examples < 0:
+      raise ValueError(f'--num-heatmaps must be >= 0, got {self.num_heatmap_examples}')
+    if self.dtype not in ('float32', 'bfloat16'):
+      raise ValueError(f"--dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+  def diffmask_config(self) -> train.DiffMaskConfig:
+    """The trainer's settings: the paper's rates, this run's gate, margin and warm-up."""
+    return train.DiffMaskConfig(gate=self.gate, margin=self.margin, sparsity=self.sparsity,
+                                warmup_steps=self.warmup_steps)
+
+
+# ---------------------------------------------------------------------------
+# Model and data
+
+
+def load_frozen_model(config: TextDiffMaskConfig, log: Callable[[str], None] = print):
+  """``(model, params, tokenizer)`` of ``config.model`` with the task's head.
+
+  Raises ValueError (one line) for a missing folder, a checkpoint without
+  trained head weights (unless ``allow_random_head``), a wrong label count or
+  a missing tokenizer.
+  """
+  head = TASK_HEADS[config.task]
+  if not Path(config.model).expanduser().is_dir():
+    raise ValueError(f'--model {config.model}: model folder does not exist')
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    # a random head (smoke tests) gets SST-5's label count; a trained one keeps its own
+    num_labels = sst_data.NUM_CLASSES if config.task == 'sst' and config.allow_random_head else None
+    model, params, tokenizer = load_pretrained(config.model, head=head, num_labels=num_labels,
+                                               dtype=config.dtype, seed=config.seed)
+  random_head = False
+  for warning in caught:
+    message = str(warning.message)
+    if 'head weights' in message:
+      random_head = True
+    else:
+      warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+  if random_head:
+    if not config.allow_random_head:
+      raise ValueError(f'--model {config.model}: the checkpoint has no trained {head} head '
+                       f'(fine-tune it for {config.task} first, or pass --allow-random-head '
+                       'for a smoke test)')
+    log(f'warning: {config.model} has no {head} head; using a random one (smoke test only)')
+  if tokenizer is None or not getattr(tokenizer, 'is_fast', False):
+    raise ValueError(f'--model {config.model}: the folder needs a fast tokenizer '
+                     '(tokenizer.json or vocab.txt)')
+  if config.task == 'sst' and model.config.num_labels != sst_data.NUM_CLASSES:
+    raise ValueError(f'--model {config.model}: the classifier has {model.config.num_labels} '
+                     f'labels; SST-5 needs {sst_data.NUM_CLASSES}')
+  if config.max_length > model.config.max_sequence_length:
+    raise ValueError(f'--max-length {config.max_length} exceeds the model limit of '
+                     f'{model.config.max_sequence_length} tokens')
+  if tokenizer.mask_token_id is None and config.gate == 'input':
+    raise ValueError(f'--model {config.model}: the tokenizer has no [MASK] token for the '
+                     'input-gate baseline')
+  return model, params, tokenizer
+
+
+def _first(examples: list, limit: int | None) -> list:
+  return examples if limit is None else examples[:limit]
+
+
+def read_first_sst(split: str, data_dir: str | None, limit: int | None
+                   ) -> list[sst_data.SstExample]:
+  """The first ``limit`` trees (all when ``None``) of an SST split, parsing no more than needed."""
+  if limit is None:
+    return sst_data.load_sst(split, data_dir)
+  path = sst_data.sst_split_path(split, data_dir)
+  examples = []
+  with open(path, encoding='utf-8') as lines:
+    for line_number, line in enumerate(lines, start=1):
+      if len(examples) == limit:
+        break
+      if line.strip():
+        try:
+          tree = sst_data.parse_tree(line, line_number)
+        except ValueError as error:
+          raise ValueError(f'{path}: {error}') from None
+        examples.append(sst_data.example_from_tree(tree))
+  return examples
+
+
+def load_task_data(config: TextDiffMaskConfig, tokenizer):
+  """``(train_features, eval_examples, eval_features)`` for the task.
+
+  Raises ValueError when a split is missing or malformed.
+  """
+  try:
+    if config.task == 'sst':
+      train_examples = read_first_sst(config.train_split, config.data_dir,
+                                      config.max_train_examples)
+      eval_examples = read_first_sst(config.eval_split, config.data_dir, config.max_eval_examples)
+    else:
+      train_examples = _first(squad_data.load_squad(config.train_split, config.data_dir),
+                              config.max_train_examples)
+      eval_examples = _first(squad_data.load_squad(config.eval_split, config.data_dir),
+                             config.max_eval_examples)
+  except FileNotFoundError as error:
+    hint = (' (only the dev file ships here: pass --train-split dev for a smoke test)'
+            if config.task == 'squad' and config.train_split == 'train' else '')
+    raise ValueError(f'{error}{hint}') from None
+  if config.task == 'sst':
+    encode = lambda examples: sst_data.encode_sst(examples, tokenizer, config.max_length)
+  else:
+    encode = lambda examples: squad_data.encode_squad(examples, tokenizer, config.max_length)
+  return encode(train_examples), eval_examples, encode(eval_examples)
+
+
+def endless_batches(features, batch_size: int, seed: int) -> Iterator[dict]:
+  """Shuffled model batches ``{input_ids, mask, token_type_ids}`` of ``(batch_size, S)``, forever.
+
+  Every epoch is a new permutation; the remainder of an epoch is dropped so
+  all batches share one shape (``batch_size`` must not exceed the data).
+  """
+  rng = np.random.default_rng(seed)
+  while True:
+    for indices in batch_indices(len(features), batch_size, rng, drop_remainder=True):
+      yield features.take(indices).as_batch()
+
+
+def _padded_batches(features, batch_size: int) -> Iterator[tuple[dict, int]]:
+  """In-order batches padded to ``batch_size`` rows (the last row repeated), and the real count."""
+  for start in range(0, len(features), batch_size):
+    indices = np.arange(start, min(start + batch_size, len(features)))
+    count = len(indices)
+    indices = np.concatenate([indices, np.full(batch_size - count, indices[-1])])
+    yield features.take(indices).as_batch(), count
+
+
+def mask_token_baseline(params, tokenizer) -> jax.Array:
+  """The ``(hidden,)`` word embedding of ``[MASK]``: the input-gate baseline's start."""
+  return params['embeddings']['word_embeddings']['embedding'][tokenizer.mask_token_id]
+
+
+def state_names(num_states: int) -> list[str]:
+  """Display names of the depths: ``h0 words``, ``h1 embed``, ``h2 L1`` ... (bottom first)."""
+  return ['h0 words', 'h1 embed'] + [f'h{k} L{k - 1}' for k in range(2, num_states)]
+
+
+# ---------------------------------------------------------------------------
+# Evaluation with the deterministic gates
+
+
+def make_evaluator(model: BertModel, frozen_params, probe, dm_config: train.DiffMaskConfig):
+  """A ``(probe_params, batch) -> dict`` of arrays for one batch (jitted, one compilation).
+
+  The dict holds ``outputs`` ``(B, ...)``, ``masked_outputs`` ``(K, B, ...)``
+  (the model rerun with the deterministic gates of each depth ``k``),
+  ``keep_prob`` ``(K, B, S)``, ``closed`` ``(K, B, S)`` (real tokens whose gate
+  is 0) and ``layers_kept`` ``(B, S)`` (depths whose gate is > 0).
+  """
+  num_states = len(model.state_dims)
+  gate_kwargs = dict(temperature=dm_config.temperature, stretch=dm_config.stretch)
+
+  def evaluate(frozen, probe_params, batch):
+    outputs, states = model.forward(frozen, batch)
+    vote_logits = probe.apply(probe_params, states)
+    baselines = probe.apply(probe_params, method='baseline_vectors')
+    real = batch['mask'].astype(bool)[None]
+    keep_prob = jnp.exp(probes.gate_log_keep_probs(dm_config.gate, vote_logits, **gate_kwargs))
+    gates = attribute.deterministic_gates(dm_config, vote_logits)
+
+    def masked_at(depth):
+      return train.masked_pass(model, frozen, batch, states, dm_config.gate, gates[depth],
+                               baselines, depth)
+
+    masked_outputs = jax.lax.map(masked_at, jnp.arange(num_states))
+    return dict(outputs=outputs, masked_outputs=masked_outputs,
+                keep_prob=jnp.where(real, keep_prob, 0.0),
+                closed=(gates == 0) & real,
+                layers_kept=jnp.sum((gates > 0) & real, axis=0).astype(jnp.int32))
+
+  compiled = jax.jit(evaluate)  # frozen parameters as an argument, not baked-in constants
+  return lambda probe_params, batch: compiled(frozen_params, probe_params, batch)
+
+
+def run_evaluation(evaluator, probe_params, features, batch_size: int) -> dict:
+  """Runs ``evaluator`` over all of ``features``; arrays concatenated on the example axis."""
+  parts = []
+  for batch, count in _padded_batches(features, batch_size):
+    result = jax.device_get(evaluator(probe_params, batch))
+    parts.append({name: (value[:, :count] if name in ('masked_outputs', 'keep_prob', 'closed')
+                         else value[:count]) for name, value in result.items()})
+  return {name: np.concatenate([part[name] for part in parts],
+                               axis=1 if name in ('masked_outputs', 'keep_prob', 'closed') else 0)
+          for name in parts[0]}
+
+
+def _summary_depth(gate: str, num_states: int) -> str | int:
+  return num_states - 1 if gate == 'input' else 'mean'
+
+
+def _at_summary(values: Sequence[float], gate: str) -> float:
+  """The headline value from per-depth values: deepest for input gates, mean for hidden ones."""
+  return float(values[-1]) if gate == 'input' else float(np.mean(values))
+
+
+def _summary_note(gate: str, num_states: int) -> str:
+  if gate == 'input':
+    return (f'input gates: headline numbers at the deepest depth h{num_states - 1} (the input '
+            'mask from the votes of every layer); masked_fraction = fraction of real input '
+            'tokens masked')
+  return ('hidden gates: headline numbers are the mean over depths, each depth masked on its '
+          'own; masked_fraction = fraction of real hidden states masked')
+
+
+def sst_scores(result: dict, features: sst_data.SstFeatures, gate: str) -> dict:
+  """Masked fractions, agreement and macro-F1 (percent) per depth and at the summary depth."""
+  real_tokens = features.mask.sum()
+  original = result['outputs'].argmax(-1)
+  masked = result['masked_outputs'].argmax(-1)  # (K, N)
+  labels = features.labels
+  per_layer = []
+  for depth in range(masked.shape[0]):
+    per_layer.append(dict(
+        masked_fraction=float(result['closed'][depth].sum() / real_tokens),
+        agreement=float(np.mean(masked[depth] == original)),
+        macro_f1_masked=100 * metrics.macro_f1(labels, masked[depth], sst_data.NUM_CLASSES),
+        mean_keep_prob=float(result['keep_prob'][depth].sum() / real_tokens)))
+  pick = lambda name: _at_summary([layer[name] for layer in per_layer], gate)
+  return dict(masked_fraction=pick('masked_fraction'), agreement=pick('agreement'),
+              macro_f1_original=100 * metrics.macro_f1(labels, original, sst_data.NUM_CLASSES),
+              macro_f1_masked=pick('macro_f1_masked'),
+              accuracy_original=float(np.mean(original == labels)),
+              per_layer=per_layer)
+
+
+def layers_by_sentiment(result: dict, features: sst_data.SstFeatures) -> dict:
+  """Figure 8b: mean number of depths that keep a wordpiece, by its word's sentiment label.
+
+  A wordpiece inherits the label of its word (leaf); special tokens are left
+  out. ``layers_kept`` counts depths whose deterministic gate is > 0,
+  ``expected_layers_kept`` sums the keep probabilities. Labels without any
+  token get NaN means and count 0.
+  """
+  rows, cols = np.nonzero(features.word_ids >= 0)
+  token_labels = features.word_labels[rows, features.word_ids[rows, cols]]
+  kept = result['layers_kept'][rows, cols].astype(np.float64)
+  expected = result['keep_prob'][:, rows, cols].sum(axis=0).astype(np.float64)
+  out = dict(labels=list(range(sst_data.NUM_CLASSES)), label_names=list(sst_data.LABEL_NAMES),
+             num_tokens=[], layers_kept=[], layers_kept_sem=[], expected_layers_kept=[])
+  for label in range(sst_data.NUM_CLASSES):
+    chosen = token_labels == label
+    count = int(chosen.sum())
+    out['num_tokens'].append(count)
+    out['layers_kept'].append(float(kept[chosen].mean()) if count else float('nan'))
+    out['layers_kept_sem'].append(float(kept[chosen].std() / np.sqrt(count)) if count > 1 else 0.0)
+    out['expected_layers_kept'].append(float(expected[chosen].mean()) if count else float('nan'))
+  return out
+
+
+def squad_scores(result: dict, features: squad_data.SquadFeatures, examples, gate: str) -> dict:
+  """Start/end agreement per window, EM/F1 original vs masked, per depth and at the summary."""
+  outputs, masked_outputs = result['outputs'], result['masked_outputs']
+  original = squad_data.evaluate(
+      squad_data.best_spans(outputs[:, 0], outputs[:, 1], features), examples)
+  original_argmax = outputs.argmax(-1)  # (F, 2)
+  real_tokens = features.mask.sum()
+  per_layer = []
+  for depth in range(masked_outputs.shape[0]):
+    masked = masked_outputs[depth]
+    same = masked.argmax(-1) == original_argmax
+    scores = squad_data.evaluate(squad_data.best_spans(masked[:, 0], masked[:, 1], features),
+                                 examples)
+    per_layer.append(dict(
+        masked_fraction=float(result['closed'][depth].sum() / real_tokens),
+        agreement=float(np.mean(same.all(-1))), start_agreement=float(np.mean(same[:, 0])),
+        end_agreement=float(np.mean(same[:, 1])), exact_match_masked=scores['exact_match'],
+        f1_masked=scores['f1'],
+        mean_keep_prob=float(result['keep_prob'][depth].sum() / real_tokens)))
+  pick = lambda name: _at_summary([layer[name] for layer in per_layer], gate)
+  return dict(masked_fraction=pick('masked_fraction'), agreement=pick('agreement'),
+              start_agreement=pick('start_agreement'), end_agreement=pick('end_agreement'),
+              exact_match_original=original['exact_match'], f1_original=original['f1'],
+              exact_match_masked=pick('exact_match_masked'), f1_masked=pick('f1_masked'),
+              per_layer=per_layer)
+
+
+# ---------------------------------------------------------------------------
+# Files: keep probabilities and figures
+
+
+def save_keep_probabilities(path: Path, result: dict, features, names: Sequence[str]) -> None:
+  """Writes ``keep_prob`` float16 ``(K, N, S)`` and the inputs needed to read it (npz)."""
+  arrays = dict(keep_prob=result['keep_prob'].astype(np.float16),
+                layers_kept=result['layers_kept'].astype(np.int8),
+                input_ids=features.input_ids, mask=features.mask,
+                token_type_ids=features.token_type_ids, state_names=np.array(names),
+                predictions=result['outputs'].argmax(-1).astype(np.int32),
+                masked_predictions=result['masked_outputs'].argmax(-1).astype(np.int32))
+  if isinstance(features, sst_data.SstFeatures):
+    arrays.update(word_ids=features.word_ids, word_labels=features.word_labels,
+                  labels=features.labels)
+  else:
+    arrays.update(example_index=features.example_index, context_mask=features.context_mask,
+                  example_ids=np.array(features.example_ids))
+  np.savez_compressed(path, **arrays)
+
+
+def _draw_heatmap(path: Path, keep_prob: np.ndarray, tokens: list[str], names: Sequence[str],
+                  title: str, suptitle: str) -> None:
+  fig = viz.keep_probability_heatmaps(keep_prob[:, None, :len(tokens)], [tokens], names, [title],
+                                      suptitle=suptitle)
+  viz.save_figure(fig, path)
+
+
+def write_sst_heatmaps(out_dir: Path, result: dict, features: sst_data.SstFeatures, tokenizer,
+                       names: Sequence[str], gate: str, count: int) -> list[str]:
+  """One tokens x depths heatmap per sentence (the first ``count``): ``heatmap_<gate>_<i>.png``."""
+  files = []
+  what = 'input tokens' if gate == 'input' else 'hidden states'
+  for index in range(min(count, len(features))):
+    length = int(features.mask[index].sum())
+    tokens = tokenizer.convert_ids_to_tokens(features.input_ids[index, :length].tolist())
+    predicted = int(result['outputs'][index].argmax())
+    title = f'sentence {index}: gold {features.labels[index]}, predicted {predicted}'
+    path = out_dir / f'heatmap_{gate}_{index}.png'
+    _draw_heatmap(path, result['keep_prob'][:, index], tokens, names, title,
+                  f'DiffMask {gate} gates: keep probability of {what} at each depth')
+    files.append(path.name)
+  return files
+
+
+def write_squad_heatmaps(out_dir: Path, result: dict, features: squad_data.SquadFeatures,
+                         tokenizer, names: Sequence[str], gate: str, count: int,
+                         context_margin: int = 12) -> list[str]:
+  """Heatmaps of the first ``count`` windows: the question and the context around the answer.
+
+  Columns are the question tokens (with ``[CLS]``/``[SEP]``) and the context tokens
+  within ``context_margin`` of the predicted span; the span's tokens end in ``*``.
+  """
+  files = []
+  what = 'input tokens' if gate == 'input' else 'hidden states'
+  starts, ends, _ = squad_data.best_span_indices(result['outputs'][:, 0], result['outputs'][:, 1],
+                                                 features.context_mask)
+  for index in range(min(count, len(features))):
+    context = np.flatnonzero(features.context_mask[index])
+    question = np.arange(context[0] if context.size else int(features.mask[index].sum()))
+    lo, hi = max(starts[index] - context_margin, 0), ends[index] + context_margin + 1
+    context = context[(context >= lo) & (context < hi)]
+    positions = np.concatenate([question, context])
+    tokens = tokenizer.convert_ids_to_tokens(features.input_ids[index, positions].tolist())
+    tokens = [token + ('*' if starts[index] <= p <= ends[index] else '')
+              for token, p in zip(tokens, positions)]
+    title = f'window {index} (question {features.example_index[index]}), * = predicted answer'
+    path = out_dir / f'heatmap_{gate}_{index}.png'
+    _draw_heatmap(path, result['keep_prob'][:, index][:, positions], tokens, names, title,
+                  f'DiffMask {gate} gates: keep probability of {what} at each depth')
+    files.append(path.name)
+  return files
+
+
+def write_sentiment_figure(path: Path, aggregate: dict, gate: str, num_states: int) -> None:
+  """Figure 8b: bars of the mean number of depths keeping a token, per sentiment label."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  means = np.nan_to_num(np.array(aggregate['layers_kept'], np.float64))
+  ax.bar(aggregate['labels'], means, yerr=aggregate['layers_kept_sem'], color='tab:blue',
+         alpha=0.8, capsize=3, label='gate > 0 (deterministic)')
+  ax.plot(aggregate['labels'], aggregate['expected_layers_kept'], 'o-', color='tab:orange',
+          label='sum of keep probabilities')
+  ax.set_xticks(aggregate['labels'], [f'{k}\n{name}' for k, name in
+                                      zip(aggregate['labels'], aggregate['label_names'])],
+                fontsize=8)
+  ax.set_ylim(0, num_states * 1.08)
+  ax.set_xlabel('sentiment label of the token\'s word')
+  ax.set_ylabel(f'mean number of depths keeping it (of {num_states})')
+  ax.set_title(f'DiffMask {gate} gates: depths that keep a token, by sentiment', fontsize=10)
+  ax.legend(fontsize=8)
+  viz.save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------
+# The pipeline
+
+
+def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progress: bool = True,
+                      log: Callable[[str], None] = print) -> dict:
+  """Trains and evaluates one DiffMask probe on SST or SQuAD; writes everything to ``out_dir``.
+
+  Writes ``report.json``, ``keep_prob.npz``, ``heatmap_<gate>_<i>.png``, for
+  SST ``layers_by_sentiment_<gate>.png``, and the probe checkpoint
+  ``probe_<gate>/`` (its metadata holds the probe config and the model path).
+  Returns the report.
+  """
+  out_dir = Path(out_dir)
+  started = time.time()
+  model, frozen_params, tokenizer = load_frozen_model(config, log)
+  train_features, eval_examples, eval_features = load_task_data(config, tokenizer)
+  batch_size = config.batch_size
+  if len(train_features) < batch_size:
+    log(f'only {len(train_features)} training sequences: batch size {batch_size} -> '
+        f'{len(train_features)}')
+    batch_size = len(train_features)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  log(f'{config.task}: {len(train_features)} training and {len(eval_features)} evaluation '
+      f'sequences of {config.max_length} tokens; {model.config.num_states} states')
+
+  dm_config = config.diffmask_config()
+  state_dims = tuple(model.state_dims)
+  hidden_size = config.probe_hidden_size or max(state_dims[0] // 4, 1)
+  probe = probes.DiffMaskProbe(gate=config.gate, state_dims=state_dims, form=config.probe_form,
+                               hidden_size=hidden_size)
+  batches = endless_batches(train_features, batch_size, config.seed)
+  probe_key, run_key = jax.random.split(jax.random.key(config.seed))
+  # frozen parameters go in as arguments: closed over, jit would bake them in as constants
+  init_probe = jax.jit(lambda frozen, key, batch: train.init_probe_params(key, model, probe, frozen,
+                                                                          batch))
+  probe_params = init_probe(frozen_params, probe_key, next(batches))
+  if config.gate == 'input':
+    probe_params = probes.set_baseline(probe_params, mask_token_baseline(frozen_params, tokenizer))
+  state = train.init_state(dm_config, probe_params, len(state_dims))
+  train_started = time.time()
+  state, history = train.fit(model, frozen_params, probe, dm_config, state, batches, config.steps,
+                             run_key, progress=progress,
+                             description=f'diffmask {config.task} {config.gate}')
+  jax.block_until_ready(state.params)
+  train_seconds = time.time() - train_started
+
+  probe_dir = out_dir / f'probe_{config.gate}'
+  checkpoint.save(probe_dir, state.probe_params, dict(
+      task=config.task, gate=config.gate, form=config.probe_form, hidden_size=hidden_size,
+      initial_logit=probe.initial_logit, state_dims=list(state_dims),
+      model=str(Path(config.model).expanduser().absolute()), head=TASK_HEADS[config.task],
+      max_length=config.max_length, steps=int(state.step),
+      diffmask_config=_jsonable(dataclasses.asdict(dm_config))))
+
+  eval_started = time.time()
+  evaluator = make_evaluator(model, frozen_params, probe, dm_config)
+  result = run_evaluation(evaluator, state.probe_params, eval_features, config.eval_batch_size)
+  eval_seconds = time.time() - eval_started
+  names = state_names(len(state_dims))
+  save_keep_probabilities(out_dir / KEEP_PROB_FILE, result, eval_features, names)
+  if config.task == 'sst':
+    scores = sst_scores(result, eval_features, config.gate)
+    figures = write_sst_heatmaps(out_dir, result, eval_features, tokenizer, names, config.gate,
+                                 config.num_heatmap_examples)
+    aggregate = layers_by_sentiment(result, eval_features)
+    sentiment_figure = f'layers_by_sentiment_{config.gate}.png'
+    write_sentiment_figure(out_dir / sentiment_figure, aggregate, config.gate, len(state_dims))
+    figures.append(sentiment_figure)
+    scores['layers_by_sentiment'] = aggregate
+  else:
+    scores = squad_scores(result, eval_features, eval_examples, config.gate)
+    figures = write_squad_heatmaps(out_dir, result, eval_features, tokenizer, names, config.gate,
+                                   config.num_heatmap_examples)
+  for depth, layer in enumerate(scores['per_layer']):
+    layer.update(state=names[depth],
+                 multiplier=float(state.lagrange_multipliers[depth]),
+                 train_steps=int(state.running_steps[depth]),
+                 running_agreement=float(state.running_agreement[depth]),
+                 running_keep_fraction=float(state.running_l0[depth]))
+
+  report = {
+      'task': config.task,
+      'gate': config.gate,
+      'summary_depth': _summary_depth(config.gate, len(state_dims)),
+      'summary_note': _summary_note(config.gate, len(state_dims)),
+      **scores,
+      'config': _jsonable(dataclasses.asdict(config)),
+      'diffmask_config': _jsonable(dataclasses.asdict(dm_config)),
+      'data': {'train_split': config.train_split, 'eval_split': config.eval_split,
+               'num_train_sequences': len(train_features),
+               'num_eval_examples': len(eval_examples),
+               'num_eval_sequences': len(eval_features), 'batch_size': batch_size,
+               'max_length': config.max_length},
+      'model': {'path': config.model, 'num_states': len(state_dims),
+                'hidden_size': state_dims[0], 'num_layers': model.config.num_layers},
+      'files': {'keep_prob': KEEP_PROB_FILE, 'probe_checkpoint': probe_dir.name,
+                'figures': figures},
+      'training': history,
+      'timing': {'train_seconds': train_seconds,
+                 'steps_per_second': config.steps / train_seconds if config.steps else None,
+                 'eval_seconds': eval_seconds, 'total_seconds': time.time() - started},
+  }
+  (out_dir / REPORT_FILE).write_text(json.dumps(_jsonable(report), indent=2))
+  log(format_summary(report))
+  return report
+
+
+def _jsonable(value: Any) -> Any:
+  """Tuples to lists, non-finite floats to None (strict JSON), numpy scalars to Python."""
+  if isinstance(value, dict):
+    return {str(key): _jsonable(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(item) for item in value]
+  if isinstance(value, (np.floating, float)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
+def format_summary(report: dict) -> str:
+  """A few lines: the headline numbers and where they were taken."""
+  lines = [f"DiffMask {report['task']}, {report['summary_note']}",
+           f"  masked fraction {report['masked_fraction']:.3f}, "
+           f"agreement {report['agreement']:.3f}"]
+  if report['task'] == 'sst':
+    lines.append(f"  macro-F1 {report['macro_f1_original']:.1f} -> "
+                 f"{report['macro_f1_masked']:.1f}")
+  else:
+    lines.append(f"  EM {report['exact_match_original']:.1f} -> "
+                 f"{report['exact_match_masked']:.1f}, "
+                 f"F1 {report['f1_original']:.1f} -> {report['f1_masked']:.1f}")
+  return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Command-line adapter (``dmx diffmask sst|squad``)
+
+
+def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
+  """Adds the options of ``dmx diffmask <task>`` to ``parser``."""
+  if task not in TASKS:
+    raise ValueError(f'task must be one of {TASKS}, got {task!r}')
+  defaults = TASK_DEFAULTS[task]
+  what = 'SST-5 classifier' if task == 'sst' else 'SQuAD question-answering model'
+  parser.add_argument('--model', required=True,
+                      help=f'Hugging Face folder of the fine-tuned {what}')
+  parser.add_argument('--gate', choices=probes.GATES, default='input',
+                      help='input: mask input tokens; hidden: mask the hidden states of one layer')
+  parser.add_argument('--out', required=True, help='output folder (created if missing)')
+  parser.add_argument('--data', default=None,
+                      help=f'data folder holding {task}/ (default ../shared/data or $DMX_DATA_DIR)')
+  parser.add_argument('--train-split', choices=TRAIN_SPLITS[task], default='train')
+  parser.add_argument('--eval-split', choices=EVAL_SPLITS[task], default='dev')
+  parser.add_argument('--steps', type=int, default=defaults['steps'],
+                      help='DiffMask training steps')
+  parser.add_argument('--batch-size', type=int, default=defaults['batch_size'])
+  parser.add_argument('--eval-batch-size', type=int, default=defaults['eval_batch_size'])
+  parser.add_argument('--max-length', type=int, default=defaults['max_length'],
+                      help='tokens per sequence')
+  parser.add_argument('--margin', type=float, default=defaults['margin'],
+                      help='tolerated divergence (paper: SST 0.1, SQuAD 1)')
+  parser.add_argument('--warmup-steps', type=int, default=1200)
+  parser.add_argument('--sparsity', choices=objective.SPARSITY_LOSSES, default='log_l0')
+  parser.add_argument('--probe-form', choices=probes.VOTE_FORMS, default='mlp')
+  parser.add_argument('--probe-hidden-size', type=int, default=None,
+                      help='width of the probe MLP (default hidden size / 4)')
+  parser.add_argument('--max-train-examples', type=int, default=None,
+                      help='train on the first N sentences / questions')
+  parser.add_argument('--max-eval-examples', type=int, default=defaults['max_eval_examples'],
+                      help='evaluate on the first N sentences / questions')
+  parser.add_argument('--num-heatmaps', type=int, default=4, help='heatmap figures to draw')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                      help='compute dtype of the frozen model')
+  parser.add_argument('--allow-random-head', action='store_true',
+                      help='accept a model without a trained head (smoke tests only)')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
+
+
+def config_from_args(args: argparse.Namespace, task: str) -> TextDiffMaskConfig:
+  """The run's config from parsed ``add_arguments`` options; ValueError on bad values."""
+  return TextDiffMaskConfig(
+      task=task, model=args.model, gate=args.gate, data_dir=args.data,
+      train_split=args.train_split, eval_split=args.eval_split, steps=args.steps,
+      batch_size=args.batch_size, max_length=args.max_length,
+      eval_batch_size=args.eval_batch_size, max_train_examples=args.max_train_examples,
+      max_eval_examples=args.max_eval_examples, margin=args.margin,
+      warmup_steps=args.warmup_steps, sparsity=args.sparsity, probe_form=args.probe_form,
+      probe_hidden_size=args.probe_hidden_size, num_heatmap_examples=args.num_heatmaps,
+      allow_random_head=args.allow_random_head, dtype=args.dtype, seed=args.seed)
+
+
+def run_from_args(args: argparse.Namespace, task: str) -> dict:
+  """Runs ``dmx diffmask <task>`` from parsed options and returns the report.
+
+  Bad input (missing model folder, a model without the task's head, missing
+  data, nonsense numbers) raises ValueError with a one-line message.
+  """
+  config = config_from_args(args, task)
+  out = Path(args.out)
+  if out.exists() and not out.is_dir():
+    raise ValueError(f'--out {args.out}: exists and is not a folder')
+  return run_text_diffmask(config, out, progress=not args.no_progress)

@@ -1,0 +1,195 @@
+"""End-to-end tests of ``dmx diffmask sst|squad``: tiny random BERTs saved as HF folders."""
+
+import argparse
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from dmx import checkpoint, probes
+from dmx.models import hf_import
+from dmx.models.bert import BertConfig, BertModel
+from dmx.pipelines import diffmask_text
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+REQUIRED_SST_KEYS = ('masked_fraction', 'agreement', 'macro_f1_original', 'macro_f1_masked')
+REQUIRED_SQUAD_KEYS = ('masked_fraction', 'agreement', 'start_agreement', 'end_agreement',
+                       'exact_match_original', 'exact_match_masked', 'f1_original', 'f1_masked')
+
+
+def write_model_folder(folder: pathlib.Path, model: BertModel, params, tokenizer,
+                       architecture: str) -> pathlib.Path:
+  """A Hugging Face style folder: config.json, model.safetensors and the tokenizer files."""
+  from safetensors.numpy import save_file
+
+  c = model.config
+  folder.mkdir(parents=True, exist_ok=True)
+  hf_config = dict(model_type='bert', architectures=[architecture], vocab_size=c.vocab_size,
+                   hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+                   num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
+                   max_position_embeddings=c.max_position_embeddings,
+                   type_vocab_size=c.type_vocab_size, layer_norm_eps=c.layer_norm_eps,
+                   hidden_act=c.hidden_act, pad_token_id=c.pad_token_id,
+                   id2label={str(k): f'LABEL_{k}' for k in range(c.num_labels)})
+  (folder / 'config.json').write_text(json.dumps(hf_config))
+  save_file(hf_import.to_state_dict(model, params), str(folder / 'model.safetensors'))
+  tokenizer.save_pretrained(str(folder))
+  return folder
+
+
+def tiny_model(minilm_tokenizer, seed: int, **overrides) -> tuple[BertModel, dict]:
+  config = BertConfig.tiny(vocab_size=minilm_tokenizer.vocab_size, max_position_embeddings=128,
+                           **overrides)
+  model = BertModel(config)
+  return model, model.init(jax.random.key(seed), 8)
+
+
+@pytest.fixture(scope='module')
+def sst_model_folder(tmp_path_factory, minilm_tokenizer):
+  model, params = tiny_model(minilm_tokenizer, 0, head='classification', num_labels=5)
+  return write_model_folder(tmp_path_factory.mktemp('sst') / 'model', model, params,
+                            minilm_tokenizer, 'BertForSequenceClassification')
+
+
+@pytest.fixture(scope='module')
+def qa_model_folder(tmp_path_factory, minilm_tokenizer):
+  model, params = tiny_model(minilm_tokenizer, 1, head='question_answering')
+  return write_model_folder(tmp_path_factory.mktemp('qa') / 'model', model, params,
+                            minilm_tokenizer, 'BertForQuestionAnswering')
+
+
+def parse(task: str, argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser()
+  diffmask_text.add_arguments(parser, task)
+  return parser.parse_args(argv)
+
+
+def sst_args(model_folder, out, gate='input', **extra) -> list[str]:
+  options = {'--model': str(model_folder), '--out': str(out), '--gate': gate,
+             '--data': str(SHARED_DATA), '--steps': '3', '--batch-size': '8',
+             '--eval-batch-size': '8', '--max-length': '48', '--max-train-examples': '24',
+             '--max-eval-examples': '12', '--warmup-steps': '2', '--num-heatmaps': '2'}
+  options.update(extra)
+  return [item for pair in options.items() for item in pair] + ['--no-progress']
+
+
+def finite_tree(value) -> bool:
+  if isinstance(value, dict):
+    return all(finite_tree(item) for item in value.values())
+  if isinstance(value, list):
+    return all(finite_tree(item) for item in value)
+  return not (isinstance(value, float) and math.isnan(value))
+
+
+@pytest.mark.parametrize('gate', probes.GATES)
+def test_sst_end_to_end(sst_model_folder, tmp_path, gate):
+  out = tmp_path / 'run'
+  report = diffmask_text.run_from_args(parse('sst', sst_args(sst_model_folder, out, gate)), 'sst')
+  saved = json.loads((out / 'report.json').read_text())
+  assert saved['gate'] == gate and saved['task'] == 'sst'
+  num_states = 4  # tiny BERT: 2 layers -> h0..h3
+  for key in REQUIRED_SST_KEYS:
+    assert key in saved and saved[key] is not None
+  assert 0 <= saved['masked_fraction'] <= 1 and 0 <= saved['agreement'] <= 1
+  assert 0 <= saved['macro_f1_original'] <= 100 and 0 <= saved['macro_f1_masked'] <= 100
+  assert saved['summary_depth'] == (num_states - 1 if gate == 'input' else 'mean')
+  assert len(saved['per_layer']) == num_states
+  for layer in saved['per_layer']:
+    assert 0 <= layer['masked_fraction'] <= 1 and 0 <= layer['mean_keep_prob'] <= 1
+  assert report['macro_f1_original'] == pytest.approx(saved['macro_f1_original'])
+  assert saved['data']['num_eval_sequences'] == 12 and saved['data']['num_train_sequences'] == 24
+  assert saved['training'][-1]['step'] == 3
+
+  aggregate = saved['layers_by_sentiment']
+  assert aggregate['labels'] == [0, 1, 2, 3, 4] and sum(aggregate['num_tokens']) > 0
+  for count, mean in zip(aggregate['num_tokens'], aggregate['layers_kept']):
+    assert (mean is None) == (count == 0)
+    assert mean is None or 0 <= mean <= num_states
+
+  arrays = np.load(out / 'keep_prob.npz')
+  assert arrays['keep_prob'].dtype == np.float16
+  assert arrays['keep_prob'].shape == (num_states, 12, 48)
+  assert arrays['input_ids'].shape == arrays['mask'].shape == arrays['word_ids'].shape == (12, 48)
+  assert arrays['masked_predictions'].shape == (num_states, 12)
+  keep = arrays['keep_prob'].astype(np.float32)
+  assert np.all((keep >= 0) & (keep <= 1)) and np.all(keep[:, ~arrays['mask']] == 0)
+  if gate == 'input':  # votes multiply: keep probabilities never grow with depth
+    assert np.all(np.diff(keep, axis=0) <= 1e-3)
+
+  for name in saved['files']['figures']:
+    assert (out / name).is_file() and (out / name).stat().st_size > 0
+  assert f'layers_by_sentiment_{gate}.png' in saved['files']['figures']
+  assert len([n for n in saved['files']['figures'] if n.startswith('heatmap_')]) == 2
+
+  metadata = checkpoint.read_metadata(out / f'probe_{gate}')
+  assert metadata['gate'] == gate and metadata['state_dims'] == [32] * num_states
+  assert pathlib.Path(metadata['model']) == sst_model_folder.absolute()
+  probe = probes.DiffMaskProbe(gate=gate, state_dims=tuple(metadata['state_dims']),
+                               form=metadata['form'], hidden_size=metadata['hidden_size'])
+  states = [np.zeros((1, 4, 32), np.float32)] * num_states
+  restored = checkpoint.restore(out / f'probe_{gate}', probe.init(jax.random.key(0), states))
+  if gate == 'input':  # the baseline started from [MASK]'s embedding and moved little
+    assert np.abs(np.asarray(restored['params']['baseline_0'])).sum() > 0
+
+
+def test_squad_end_to_end(qa_model_folder, tmp_path):
+  out = tmp_path / 'squad'
+  args = parse('squad', [
+      '--model', str(qa_model_folder), '--out', str(out), '--gate', 'hidden',
+      '--data', str(SHARED_DATA), '--train-split', 'dev', '--steps', '2', '--batch-size', '4',
+      '--eval-batch-size', '8', '--max-length', '96', '--max-train-examples', '6',
+      '--max-eval-examples', '10', '--num-heatmaps', '1', '--no-progress'])
+  diffmask_text.run_from_args(args, 'squad')
+  saved = json.loads((out / 'report.json').read_text())
+  for key in REQUIRED_SQUAD_KEYS:
+    assert saved[key] is not None
+  assert finite_tree({key: saved[key] for key in REQUIRED_SQUAD_KEYS})
+  assert finite_tree(saved['per_layer'])
+  assert 0 <= saved['agreement'] <= 1 and 0 <= saved['f1_masked'] <= 100
+  assert saved['data']['num_eval_examples'] == 10
+  arrays = np.load(out / 'keep_prob.npz')
+  windows = saved['data']['num_eval_sequences']
+  assert arrays['keep_prob'].shape == (4, windows, 96)
+  assert arrays['example_index'].shape == (windows,)
+  assert (out / 'heatmap_hidden_0.png').is_file()
+  assert (out / 'probe_hidden' / 'metadata.json').is_file()
+
+
+def test_bad_input_errors(sst_model_folder, qa_model_folder, tmp_path, minilm_tokenizer):
+  out = tmp_path / 'bad'
+
+  def run(task, argv):
+    return diffmask_text.run_from_args(parse(task, argv), task)
+
+  with pytest.raises(ValueError, match='does not exist'):
+    run('sst', sst_args(tmp_path / 'missing', out))
+  # the SST classifier has no question-answering head
+  with pytest.raises(ValueError, match='no trained question_answering head'):
+    run('squad', ['--model', str(sst_model_folder), '--out', str(out), '--data', str(SHARED_DATA),
+                  '--train-split', 'dev'])
+  # an encoder without any head
+  model, params = tiny_model(minilm_tokenizer, 2)
+  encoder = write_model_folder(tmp_path / 'encoder', model, params, minilm_tokenizer, 'BertModel')
+  with pytest.raises(ValueError, match='no trained classification head'):
+    run('sst', sst_args(encoder, out))
+  # a 3-way classifier is not an SST-5 model
+  model, params = tiny_model(minilm_tokenizer, 3, head='classification', num_labels=3)
+  three_way = write_model_folder(tmp_path / 'three', model, params, minilm_tokenizer,
+                                 'BertForSequenceClassification')
+  with pytest.raises(ValueError, match='SST-5 needs 5'):
+    run('sst', sst_args(three_way, out))
+  for option, value, message in [('--steps', '-1', 'steps'), ('--batch-size', '0', 'batch-size'),
+                                 ('--max-length', '4096', 'model limit'),
+                                 ('--margin', 'nan', 'margin'),
+                                 ('--max-eval-examples', '0', 'max-eval-examples')]:
+    with pytest.raises(ValueError, match=message):
+      run('sst', sst_args(sst_model_folder, out, **{option: value}))
+  with pytest.raises(ValueError, match='not found'):
+    run('sst', sst_args(sst_model_folder, out, **{'--data': str(tmp_path / 'nodata')}))
+  with pytest.raises(ValueError, match='--train-split dev'):
+    run('squad', ['--model', str(qa_model_folder), '--out', str(out), '--max-length', '96',
+                  '--data', str(SHARED_DATA)])
+  assert not (out / 'report.json').exists()
