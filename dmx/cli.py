@@ -1,15 +1,18 @@
 """The ``dmx`` command line.
 
 ``dmx toy --out DIR`` runs the toy experiment end to end (see
-:mod:`dmx.pipelines.toy`). Bad arguments end with a one-line error and exit
-code 2, never a traceback.
+:mod:`dmx.pipelines.toy`); ``dmx finetune sst --model PATH --out DIR``
+fine-tunes a BERT-family classifier on SST-5 (:mod:`dmx.pipelines.finetune`);
+``dmx diffmask sst|squad --model DIR --gate input|hidden --out DIR`` trains
+and evaluates DiffMask probes on a frozen fine-tuned model
+(:mod:`dmx.pipelines.diffmask_text`). Bad arguments end with a one-line error
+and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,15 +23,11 @@ class UsageError(Exception):
 
 
 def _writable_dir(value: str) -> Path:
-  path = Path(value)
-  if path.exists() and not path.is_dir():
-    raise UsageError(f'--out {value}: exists and is not a folder')
-  parent = path if path.exists() else path.parent
-  while not parent.exists():
-    parent = parent.parent
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise UsageError(f'--out {value}: folder {parent} is not writable')
-  return path
+  from dmx.pipelines import checked_output_folder
+  try:
+    return checked_output_folder(value)
+  except ValueError as error:
+    raise UsageError(str(error)) from None
 
 
 def _add_toy_parser(subparsers) -> None:
@@ -71,17 +70,58 @@ def _run_toy(args) -> int:
   return 0
 
 
+def _add_finetune_parser(subparsers) -> None:
+  from dmx.pipelines import finetune
+  parser = subparsers.add_parser('finetune', help='fine-tune a classifier to probe later')
+  tasks = parser.add_subparsers(dest='task', required=True)
+  finetune.add_arguments(tasks.add_parser(
+      'sst', help='SST-5 sentence sentiment', description='Fine-tune a BERT-family model on '
+      'SST-5 with optax; writes a Hugging Face-style model folder and report.json.'))
+
+
+def _run_finetune(args) -> int:
+  from dmx.pipelines import finetune
+  _writable_dir(args.out)
+  try:
+    return finetune.run_from_args(args)
+  except ValueError as error:
+    raise UsageError(str(error)) from None
+
+
+def _add_diffmask_parser(subparsers) -> None:
+  from dmx.pipelines import diffmask_text
+  parser = subparsers.add_parser('diffmask', help='DiffMask probes on a frozen fine-tuned model')
+  tasks = parser.add_subparsers(dest='task', required=True)
+  for task, what in (('sst', 'an SST-5 classifier'), ('squad', 'a SQuAD question-answering model')):
+    diffmask_text.add_arguments(tasks.add_parser(
+        task, help=f'probes on {what}', description=f'Train input- or hidden-gate DiffMask probes '
+        f'for every layer of {what} and evaluate them (report.json, keep_prob.npz, figures).'), task)
+
+
+def _run_diffmask(args) -> int:
+  from dmx.pipelines import diffmask_text
+  _writable_dir(args.out)
+  try:
+    diffmask_text.run_from_args(args, args.task)
+  except ValueError as error:
+    raise UsageError(str(error)) from None
+  print(f'wrote {Path(args.out) / "report.json"}')
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='dmx', description='Differentiable Masking in JAX.')
   subparsers = parser.add_subparsers(dest='command', required=True)
   _add_toy_parser(subparsers)
+  _add_finetune_parser(subparsers)
+  _add_diffmask_parser(subparsers)
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
-  commands = {'toy': _run_toy}
+  commands = {'toy': _run_toy, 'finetune': _run_finetune, 'diffmask': _run_diffmask}
   try:
     return commands[args.command](args)
   except UsageError as error:

@@ -69,3 +69,16 @@ def test_console_script_reports_usage_error():
                            'x'], capture_output=True, text=True)
   assert result.returncode == 2 and 'invalid int value' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('args', [
+    ['finetune', 'sst', '--model', '{missing}', '--out', '{out}'],
+    ['diffmask', 'sst', '--model', '{missing}', '--gate', 'input', '--out', '{out}'],
+    ['diffmask', 'squad', '--model', '{missing}', '--gate', 'hidden', '--out', '{out}'],
+])
+def test_text_commands_name_a_missing_model_folder(tmp_path, capsys, args):
+  args = [a.format(missing=tmp_path / 'no-such-model', out=tmp_path / 'out') for a in args]
+  assert cli.main(args) == 2
+  error = capsys.readouterr().err.strip()
+  assert len(error.splitlines()) == 1
+  assert 'no-such-model' in error and 'does not exist' in error

@@ -51,6 +51,7 @@ from dmx.data.common import batch_indices
 from dmx.data import sst as sst_data
 from dmx.models.bert import BertModel
 from dmx.models.hf_import import load_pretrained
+from dmx.pipelines import checked_output_folder
 
 TASKS = ('sst', 'squad')
 TASK_HEADS = {'sst': 'classification', 'squad': 'question_answering'}
@@ -83,7 +84,8 @@ class TextDiffMaskConfig:
     max_train_examples, max_eval_examples: keep the first so many examples (sentences
       or questions); ``None`` keeps all, except SQuAD evaluation (default 500 questions).
     margin: the tolerated divergence (SST 0.1, SQuAD 1).
-    warmup_steps, sparsity: passed to :class:`dmx.train.DiffMaskConfig`.
+    warmup_steps, sparsity, probe_learning_rate, baseline_learning_rate: passed to
+      :class:`dmx.train.DiffMaskConfig` (paper: 1200, log_l0, 3e-4, 1e-3).
     probe_form, probe_hidden_size: the probe (hidden size defaults to hidden / 4,
       the original's ``hidden_attention``).
     num_heatmap_examples: heatmaps drawn (one PNG each).
@@ -106,6 +108,8 @@ class TextDiffMaskConfig:
   max_eval_examples: int | None = None
   margin: float | None = None
   warmup_steps: int = 1200
+  probe_learning_rate: float = 3e-4
+  baseline_learning_rate: float = 1e-3
   sparsity: str = 'log_l0'
   probe_form: str = 'mlp'
   probe_hidden_size: int | None = None
@@ -144,6 +148,10 @@ class TextDiffMaskConfig:
         raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {value}')
     if not (self.margin >= 0 and math.isfinite(self.margin)):
       raise ValueError(f'--margin must be a finite number >= 0, got {self.margin}')
+    for flag, rate in (('--probe-learning-rate', self.probe_learning_rate),
+                       ('--baseline-learning-rate', self.baseline_learning_rate)):
+      if not rate > 0 or rate != rate:
+        raise ValueError(f'{flag} must be > 0, got {rate}')
     if self.warmup_steps < 0:
       raise ValueError(f'--warmup-steps must be >= 0, got {self.warmup_steps}')
     if self.sparsity not in objective.SPARSITY_LOSSES:
@@ -161,7 +169,9 @@ class TextDiffMaskConfig:
   def diffmask_config(self) -> train.DiffMaskConfig:
     """The trainer's settings: the paper's rates, this run's gate, margin and warm-up."""
     return train.DiffMaskConfig(gate=self.gate, margin=self.margin, sparsity=self.sparsity,
-                                warmup_steps=self.warmup_steps)
+                                warmup_steps=self.warmup_steps,
+                                probe_learning_rate=self.probe_learning_rate,
+                                baseline_learning_rate=self.baseline_learning_rate)
 
 
 # ---------------------------------------------------------------------------
@@ -690,6 +700,8 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
   parser.add_argument('--margin', type=float, default=defaults['margin'],
                       help='tolerated divergence (paper: SST 0.1, SQuAD 1)')
   parser.add_argument('--warmup-steps', type=int, default=1200)
+  parser.add_argument('--probe-learning-rate', type=float, default=3e-4)
+  parser.add_argument('--baseline-learning-rate', type=float, default=1e-3)
   parser.add_argument('--sparsity', choices=objective.SPARSITY_LOSSES, default='log_l0')
   parser.add_argument('--probe-form', choices=probes.VOTE_FORMS, default='mlp')
   parser.add_argument('--probe-hidden-size', type=int, default=None,
@@ -715,7 +727,8 @@ def config_from_args(args: argparse.Namespace, task: str) -> TextDiffMaskConfig:
       batch_size=args.batch_size, max_length=args.max_length,
       eval_batch_size=args.eval_batch_size, max_train_examples=args.max_train_examples,
       max_eval_examples=args.max_eval_examples, margin=args.margin,
-      warmup_steps=args.warmup_steps, sparsity=args.sparsity, probe_form=args.probe_form,
+      warmup_steps=args.warmup_steps, probe_learning_rate=args.probe_learning_rate,
+      baseline_learning_rate=args.baseline_learning_rate, sparsity=args.sparsity, probe_form=args.probe_form,
       probe_hidden_size=args.probe_hidden_size, num_heatmap_examples=args.num_heatmaps,
       allow_random_head=args.allow_random_head, dtype=args.dtype, seed=args.seed)
 
@@ -727,7 +740,5 @@ def run_from_args(args: argparse.Namespace, task: str) -> dict:
   data, nonsense numbers) raises ValueError with a one-line message.
   """
   config = config_from_args(args, task)
-  out = Path(args.out)
-  if out.exists() and not out.is_dir():
-    raise ValueError(f'--out {args.out}: exists and is not a folder')
+  out = checked_output_folder(args.out)
   return run_text_diffmask(config, out, progress=not args.no_progress)
