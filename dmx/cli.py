@@ -5,7 +5,9 @@
 fine-tunes a BERT-family classifier on SST-5 (:mod:`dmx.pipelines.finetune`);
 ``dmx diffmask sst|squad --model DIR --gate input|hidden --out DIR`` trains
 and evaluates DiffMask probes on a frozen fine-tuned model
-(:mod:`dmx.pipelines.diffmask_text`). Bad arguments end with a one-line error
+(:mod:`dmx.pipelines.diffmask_text`); ``dmx explain --probe DIR "a sentence"``
+prints and plots one sentence's keep probabilities with a trained probe
+(:mod:`dmx.pipelines.explain`). Bad arguments end with a one-line error
 and exit code 2, never a traceback.
 """
 
@@ -109,19 +111,37 @@ def _run_diffmask(args) -> int:
   return 0
 
 
+def _add_explain_parser(subparsers) -> None:
+  from dmx.pipelines import explain
+  explain.add_arguments(subparsers.add_parser(
+      'explain', help='per-layer keep probabilities of one sentence with a trained probe',
+      description='Explain one sentence with a trained DiffMask probe (from dmx diffmask sst): '
+      'prints the keep probability of every token at every depth and writes a heatmap PNG.'))
+
+
+def _run_explain(args) -> int:
+  from dmx.pipelines import explain
+  try:
+    return explain.run_from_args(args)
+  except ValueError as error:
+    raise UsageError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='dmx', description='Differentiable Masking in JAX.')
   subparsers = parser.add_subparsers(dest='command', required=True)
   _add_toy_parser(subparsers)
   _add_finetune_parser(subparsers)
   _add_diffmask_parser(subparsers)
+  _add_explain_parser(subparsers)
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
-  commands = {'toy': _run_toy, 'finetune': _run_finetune, 'diffmask': _run_diffmask}
+  commands = {'toy': _run_toy, 'finetune': _run_finetune, 'diffmask': _run_diffmask,
+              'explain': _run_explain}
   try:
     return commands[args.command](args)
   except UsageError as error:

@@ -25,6 +25,20 @@ progress = False
 def _code_cells(notebook):
   return [cell for cell in notebook.cells if cell.cell_type == 'code']
 
+def _check_executed(notebook, min_figures: int) -> str:
+  """Asserts every code cell ran without error and drew enough figures; returns the printed text."""
+  code_cells = _code_cells(notebook)
+  assert all(cell.execution_count is not None for cell in code_cells), 'a code cell did not run'
+  errors = [output for cell in code_cells for output in cell.outputs
+            if output.output_type == 'error']
+  assert not errors, errors
+  images = [output for cell in code_cells for output in cell.outputs
+            if output.output_type == 'display_data' and 'image/png' in output.get('data', {})]
+  assert len(images) >= min_figures, f'expected at least {min_figures} figures, got {len(images)}'
+  return ''.join(output.get('text', '') for cell in code_cells for output in cell.outputs
+                 if output.output_type == 'stream')
+
+
 
 def _parameters_cells(notebook):
   return [cell for cell in _code_cells(notebook) if 'parameters' in cell.metadata.get('tags', [])]
@@ -76,15 +90,56 @@ def test_notebook_runs_with_tiny_parameters(notebook, tmp_path, monkeypatch):
                                    resources={'metadata': {'path': str(tmp_path)}})
   client.execute()  # raises CellExecutionError on the first failing cell
 
-  code_cells = _code_cells(notebook)
-  assert all(cell.execution_count is not None for cell in code_cells), 'a code cell did not run'
-  errors = [output for cell in code_cells for output in cell.outputs
-            if output.output_type == 'error']
-  assert not errors, errors
-  images = [output for cell in code_cells for output in cell.outputs
-            if output.output_type == 'display_data' and 'image/png' in output.get('data', {})]
   # ground truth, loss curve, bottleneck, training curves, two keep-probability heatmaps
-  assert len(images) >= 6, f'expected at least 6 figures, got {len(images)}'
-  text = ''.join(output.get('text', '') for cell in code_cells for output in cell.outputs
-                 if output.output_type == 'stream')
+  text = _check_executed(notebook, min_figures=6)
   assert 'accuracy: train' in text and 'diffmask hidden' in text and 'uniform' in text
+
+
+# ---------------------------------------------------------------------------
+# The SST analysis notebook: reads finished ``dmx diffmask sst`` runs (here: tiny ones)
+
+SST_NOTEBOOK = REPO_ROOT / 'notebooks' / 'sst_analysis.ipynb'
+
+
+def test_sst_notebook_runs_on_tiny_diffmask_runs(tmp_path, monkeypatch, minilm_tokenizer):
+  from tests.test_diffmask_text import parse, sst_args, tiny_model, write_model_folder
+  from dmx.pipelines import diffmask_text
+
+  sst_notebook = nbformat.read(SST_NOTEBOOK, as_version=4)
+  code_cells = _code_cells(sst_notebook)
+  for cell in code_cells:  # stored clean, and no library logic in the notebook
+    assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
+    assert not any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                   for node in ast.walk(ast.parse(_python_source(cell)))), cell.source[:80]
+  cells = _parameters_cells(sst_notebook)
+  assert len(cells) == 1 and code_cells.index(cells[0]) <= 2
+  assert "'runs/sst_minilm/model'" in cells[0].source
+  assert "'runs/sst_minilm_diffmask_input'" in cells[0].source
+  assert "'runs/sst_minilm_diffmask_hidden'" in cells[0].source
+
+  model, params = tiny_model(minilm_tokenizer, 0, head='classification', num_labels=5)
+  model_folder = write_model_folder(tmp_path / 'model', model, params, minilm_tokenizer,
+                                    'BertForSequenceClassification')
+  run_dirs = {gate: str(tmp_path / f'run_{gate}') for gate in ('input', 'hidden')}
+  for gate, folder in run_dirs.items():  # 2 steps, 8 dev sentences: a smoke test of the plumbing
+    options = {'--steps': '2', '--max-eval-examples': '8', '--num-heatmaps': '0'}
+    diffmask_text.run_from_args(parse('sst', sst_args(model_folder, folder, gate, **options)),
+                                'sst')
+  cells[0].source = (f'model_dir = {str(model_folder)!r}\n'
+                     f'run_dirs = {run_dirs!r}\n'
+                     'num_shown = 2\n'
+                     "new_sentence = 'a gripping , funny film .'\n")
+  python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get('PYTHONPATH')) if p)
+  monkeypatch.setenv('PYTHONPATH', python_path)
+  monkeypatch.setenv('MPLBACKEND', 'Agg')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  client = nbclient.NotebookClient(sst_notebook, timeout=300, kernel_name='python3',
+                                   resources={'metadata': {'path': str(tmp_path)}})
+  client.execute()
+  if os.environ.get('DMX_KEEP_EXECUTED_NOTEBOOK'):  # to look at the result by hand
+    nbformat.write(sst_notebook, os.environ['DMX_KEEP_EXECUTED_NOTEBOOK'])
+
+  # per-depth lines, two heatmap figures, Figure 8b, two explained sentences
+  text = _check_executed(sst_notebook, min_figures=6)
+  assert 'macro-F1 masked' in text and 'masked at the deepest depth' in text
+  assert 'hidden states masked per depth' in text and 'gripping' in text
