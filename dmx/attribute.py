@@ -38,16 +38,27 @@ def deterministic_gates(config: DiffMaskConfig, vote_logits: jax.Array) -> jax.A
   return jnp.cumprod(gates, axis=0) if config.gate == 'input' else gates
 
 
-def attribute(model: MaskableModel, frozen_params, probe: nn.Module, probe_params,
-              config: DiffMaskConfig, batch: dict) -> Attribution:
-  """Keep probabilities and test-time gates of every token at every depth."""
-  outputs, states = model.forward(frozen_params, batch)
+def keep_probs_and_gates(probe: nn.Module, probe_params, config: DiffMaskConfig,
+                         states, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(keep_prob, gates)``, each ``(num_states, batch, seq)``, from the clean pass's states.
+
+  Zero on padding (``mask`` ``(batch, seq)`` false). For callers that already
+  hold the states and must not run the model a second time.
+  """
   vote_logits = probe.apply(probe_params, states)
   kwargs = dict(temperature=config.temperature, stretch=config.stretch)
   keep_prob = jnp.exp(probes.gate_log_keep_probs(config.gate, vote_logits, **kwargs))
   gates = deterministic_gates(config, vote_logits)
-  mask = batch['mask'][None].astype(jnp.float32)
-  return Attribution(keep_prob * mask, gates * mask, outputs)
+  mask = mask[None].astype(jnp.float32)
+  return keep_prob * mask, gates * mask
+
+
+def attribute(model: MaskableModel, frozen_params, probe: nn.Module, probe_params,
+              config: DiffMaskConfig, batch: dict) -> Attribution:
+  """Keep probabilities and test-time gates of every token at every depth."""
+  outputs, states = model.forward(frozen_params, batch)
+  keep_prob, gates = keep_probs_and_gates(probe, probe_params, config, states, batch['mask'])
+  return Attribution(keep_prob, gates, outputs)
 
 
 def masked_agreement(model: MaskableModel, frozen_params, probe: nn.Module, probe_params,

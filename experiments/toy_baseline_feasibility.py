@@ -54,6 +54,7 @@ def main():
                    rng.choice(len(other_states), min(args.candidates, len(other_states)), replace=False))
   for kl, agree, index in results[:3]:
     print(f'best candidates:  KL {kl:.4f}, agreement {agree:.3f}, state {np.round(other_states[index], 2)}')
+  print('median candidate: KL %.4f' % float(np.median([kl for kl, _, _ in results])))
   kl, agree, index = results[-1]
   print(f'worst candidate:  KL {kl:.4f}, agreement {agree:.3f}, state {np.round(other_states[index], 2)}')
 

@@ -25,3 +25,21 @@ def minilm_tokenizer(minilm_folder):
   """MiniLM's fast uncased WordPiece tokenizer."""
   import transformers  # pylint: disable=import-outside-toplevel
   return transformers.AutoTokenizer.from_pretrained(str(minilm_folder))
+
+
+def tiny_bert(tokenizer, seed: int, **overrides):
+  """``(model, params)`` of a random 2-layer BERT over ``tokenizer``'s vocabulary (128 positions)."""
+  from dmx.models.bert import BertConfig, BertModel  # pylint: disable=import-outside-toplevel
+  config = BertConfig.tiny(vocab_size=tokenizer.vocab_size, max_position_embeddings=128,
+                           **overrides)
+  model = BertModel(config)
+  return model, model.init(jax.random.key(seed), 8)
+
+
+@pytest.fixture(scope='session')
+def sst_model_folder(tmp_path_factory, minilm_tokenizer):
+  """A random tiny SST-5 classifier saved as a Hugging Face folder with MiniLM's tokenizer."""
+  from dmx.models import hf_import  # pylint: disable=import-outside-toplevel
+  model, params = tiny_bert(minilm_tokenizer, 0, head='classification', num_labels=5)
+  return hf_import.save_pretrained(tmp_path_factory.mktemp('sst') / 'model', model, params,
+                                   minilm_tokenizer)

@@ -360,34 +360,12 @@ def test_too_long_input_names_length_and_limit():
 # Loader errors and the torch-free round trip
 
 
-def write_hf_folder(folder: pathlib.Path, model: BertModel, params, *, model_type='bert',
-                    architectures=('BertModel',)) -> pathlib.Path:
-  """A Hugging Face style folder (config.json + model.safetensors) for a dmx model."""
-  from safetensors.numpy import save_file
-
-  c = model.config
-  folder.mkdir(parents=True, exist_ok=True)
-  hf_config = dict(model_type=model_type, architectures=list(architectures),
-                   vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                   num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                   intermediate_size=c.intermediate_size,
-                   max_position_embeddings=c.max_position_embeddings,
-                   type_vocab_size=c.type_vocab_size, layer_norm_eps=c.layer_norm_eps,
-                   hidden_act=c.hidden_act, pad_token_id=c.pad_token_id,
-                   id2label={str(k): f'LABEL_{k}' for k in range(c.num_labels)})
-  (folder / 'config.json').write_text(json.dumps(hf_config))
-  save_file(hf_import.to_state_dict(model, params, model_type=model_type),
-            str(folder / 'model.safetensors'))
-  return folder
-
-
 @pytest.fixture(scope='module')
 def tiny_folder(tmp_path_factory):
   """A saved tiny BERT-style classifier, ``(folder, model, params)``."""
   model = BertModel(BertConfig.tiny(head='classification', num_labels=3))
   params = model.init(jax.random.key(2), 8)
-  folder = write_hf_folder(tmp_path_factory.mktemp('tiny') / 'model', model, params,
-                           architectures=('BertForSequenceClassification',))
+  folder = hf_import.save_pretrained(tmp_path_factory.mktemp('tiny') / 'model', model, params)
   return folder, model, params
 
 
@@ -417,7 +395,7 @@ def test_missing_head_is_randomly_initialised_with_a_warning(tiny_folder, tmp_pa
   outputs, _ = model.forward(params, padded_batch(128, 0))
   assert outputs.shape == (3, 2, 10)
   encoder = BertModel(BertConfig.tiny())
-  encoder_folder = write_hf_folder(tmp_path / 'encoder', encoder, encoder.init(jax.random.key(0)))
+  encoder_folder = hf_import.save_pretrained(tmp_path / 'encoder', encoder, encoder.init(jax.random.key(0)))
   with pytest.warns(UserWarning, match='classification head .*classifier.weight'):
     model, _, _ = load_pretrained(encoder_folder, head='classification', num_labels=5,
                                   with_tokenizer=False)

@@ -9,7 +9,7 @@ import pytest
 
 from dmx.data import sst as sst_data
 from dmx.pipelines import diffmask_text, explain
-from tests.test_diffmask_text import parse, sst_args, tiny_model, write_model_folder
+from tests.test_diffmask_text import parse, sst_args
 
 SENTENCE = 'a gripping , funny and deeply moving film .'
 NUM_STATES = 4  # tiny BERT: 2 layers -> h0..h3
@@ -17,17 +17,10 @@ MAX_LENGTH = 48  # sst_args' --max-length
 
 
 @pytest.fixture(scope='module')
-def model_folder(tmp_path_factory, minilm_tokenizer):
-  model, params = tiny_model(minilm_tokenizer, 0, head='classification', num_labels=5)
-  return write_model_folder(tmp_path_factory.mktemp('explain') / 'model', model, params,
-                            minilm_tokenizer, 'BertForSequenceClassification')
-
-
-@pytest.fixture(scope='module')
-def run_folder(tmp_path_factory, model_folder):
+def run_folder(tmp_path_factory, sst_model_folder):
   """A finished ``dmx diffmask sst --gate input`` run of 3 steps."""
   out = tmp_path_factory.mktemp('explain_run') / 'run'
-  diffmask_text.run_from_args(parse('sst', sst_args(model_folder, out, 'input')), 'sst')
+  diffmask_text.run_from_args(parse('sst', sst_args(sst_model_folder, out, 'input')), 'sst')
   return out
 
 
@@ -65,10 +58,10 @@ def test_explanation_shapes_and_values(run_folder):
   np.testing.assert_allclose(again.keep_prob, result.keep_prob)
 
 
-def test_matches_the_evaluator_of_diffmask_text(run_folder, model_folder):
+def test_matches_the_evaluator_of_diffmask_text(run_folder, sst_model_folder):
   """The evaluator behind keep_prob.npz, fed the same sentence padded to max_length, agrees."""
   result = explain.explain(run_folder, SENTENCE)
-  config = diffmask_text.TextDiffMaskConfig(task='sst', model=str(model_folder), gate='input',
+  config = diffmask_text.TextDiffMaskConfig(task='sst', model=str(sst_model_folder), gate='input',
                                             max_length=MAX_LENGTH)
   model, frozen_params, tokenizer = diffmask_text.load_frozen_model(config, log=lambda _: None)
   probe, probe_params, _, _ = explain.load_probe(run_folder)
@@ -104,11 +97,11 @@ def test_format_and_cli_write_a_table_and_a_heatmap(run_folder, tmp_path, capsys
   assert not no_plot.exists()
 
 
-def test_hidden_gate_explanation(model_folder, tmp_path):
+def test_hidden_gate_explanation(sst_model_folder, tmp_path):
   """A hidden-gate probe reads each depth's own gate, and agrees with its evaluator."""
   out = tmp_path / 'hidden'
   diffmask_text.run_from_args(parse('sst', sst_args(
-      model_folder, out, 'hidden', **{'--max-eval-examples': '4', '--eval-batch-size': '4',
+      sst_model_folder, out, 'hidden', **{'--max-eval-examples': '4', '--eval-batch-size': '4',
                                       '--num-heatmaps': '0'})), 'sst')
   result = explain.explain(out / 'probe_hidden', SENTENCE)
   assert result.gate == 'hidden' and result.keep_prob.shape == (NUM_STATES, len(result.tokens))
@@ -122,7 +115,7 @@ def one_line_error(call, match):
   assert '\n' not in str(caught.value), str(caught.value)
 
 
-def test_errors_are_one_line(run_folder, model_folder, tmp_path):
+def test_errors_are_one_line(run_folder, sst_model_folder, tmp_path):
   one_line_error(lambda: explain.explain(tmp_path / 'missing', SENTENCE), 'does not exist')
   (tmp_path / 'empty').mkdir()
   one_line_error(lambda: explain.explain(tmp_path / 'empty', SENTENCE), 'no probe checkpoint')
@@ -139,7 +132,7 @@ def test_errors_are_one_line(run_folder, model_folder, tmp_path):
   one_line_error(lambda: explain.explain(moved, SENTENCE), 'pass --model')
   one_line_error(lambda: explain.explain(moved, SENTENCE, model=tmp_path / 'nowhere'),
                  '--model .*does not exist')
-  overridden = explain.explain(moved, SENTENCE, model=model_folder)
+  overridden = explain.explain(moved, SENTENCE, model=sst_model_folder)
   assert overridden.keep_prob.shape == (NUM_STATES, len(overridden.tokens))
 
   # an input-gate checkpoint whose metadata claims hidden gates lacks the hidden baselines
@@ -152,6 +145,3 @@ def test_errors_are_one_line(run_folder, model_folder, tmp_path):
   squad.mkdir()
   squad_probe = edited_probe(run_folder, squad, task='squad')
   one_line_error(lambda: explain.explain(squad_probe, SENTENCE), 'not supported yet')
-  one_line_error(lambda: explain.run_from_args(cli_args(['--probe', str(run_folder), SENTENCE,
-                                                         '--question', 'why?'])),
-                 'not supported yet')

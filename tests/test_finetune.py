@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 
 from dmx.data import sst
-from dmx.models.bert import BertConfig, BertModel
-from dmx.models.hf_import import load_pretrained, to_state_dict
+from dmx.models import hf_import
+from dmx.models.hf_import import load_pretrained
 from dmx.pipelines import finetune
+from tests.conftest import tiny_bert
 
-TOKENIZER_FILES = ('vocab.txt', 'tokenizer.json', 'tokenizer_config.json',
-                   'special_tokens_map.json')
 WORDS = {0: 'awful dreadful', 1: 'dull weak', 2: 'ordinary plain', 3: 'good nice',
          4: 'brilliant wonderful'}
 
@@ -37,24 +36,11 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def tiny_model_folder(tmp_path_factory, minilm_folder):
+def tiny_model_folder(tmp_path_factory, minilm_tokenizer):
   """A Hugging Face folder of a random 2-layer, 32-wide BERT (no head) with MiniLM's vocab."""
-  folder = tmp_path_factory.mktemp('tiny_bert')
-  config = BertConfig.tiny(vocab_size=30522)
-  model = BertModel(config)
-  params = model.init(jax.random.key(0))
-  from safetensors.numpy import save_file
-  save_file(to_state_dict(model, params), str(folder / 'model.safetensors'))
-  (folder / 'config.json').write_text(json.dumps({
-      'architectures': ['BertModel'], 'model_type': 'bert', 'vocab_size': config.vocab_size,
-      'hidden_size': config.hidden_size, 'num_hidden_layers': config.num_layers,
-      'num_attention_heads': config.num_heads, 'intermediate_size': config.intermediate_size,
-      'max_position_embeddings': config.max_position_embeddings, 'type_vocab_size': 2,
-      'hidden_act': 'gelu', 'layer_norm_eps': 1e-12, 'pad_token_id': 0}))
-  for name in TOKENIZER_FILES:
-    if (minilm_folder / name).is_file():
-      shutil.copy(minilm_folder / name, folder / name)
-  return folder
+  model, params = tiny_bert(minilm_tokenizer, 0)
+  return hf_import.save_pretrained(tmp_path_factory.mktemp('tiny_bert') / 'model', model, params,
+                                   minilm_tokenizer)
 
 
 def _config(model_folder, data_dir, **overrides):

@@ -25,6 +25,23 @@ progress = False
 def _code_cells(notebook):
   return [cell for cell in notebook.cells if cell.cell_type == 'code']
 
+def _execute(notebook, tmp_path, monkeypatch, timeout: int) -> None:
+  """Runs every cell in a fresh kernel; raises CellExecutionError on the first failing cell.
+
+  ``DMX_KEEP_EXECUTED_NOTEBOOK=path`` saves the executed copy, to look at by hand.
+  """
+  # the kernel inherits this environment: dmx importable from the checkout, no display needed
+  python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get('PYTHONPATH')) if p)
+  monkeypatch.setenv('PYTHONPATH', python_path)
+  monkeypatch.setenv('MPLBACKEND', 'Agg')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  client = nbclient.NotebookClient(notebook, timeout=timeout, kernel_name='python3',
+                                   resources={'metadata': {'path': str(tmp_path)}})
+  client.execute()
+  if os.environ.get('DMX_KEEP_EXECUTED_NOTEBOOK'):
+    nbformat.write(notebook, os.environ['DMX_KEEP_EXECUTED_NOTEBOOK'])
+
+
 def _check_executed(notebook, min_figures: int) -> str:
   """Asserts every code cell ran without error and drew enough figures; returns the printed text."""
   code_cells = _code_cells(notebook)
@@ -81,14 +98,7 @@ def test_notebook_runs_with_tiny_parameters(notebook, tmp_path, monkeypatch):
   cells = _parameters_cells(notebook)
   assert len(cells) == 1
   cells[0].source = TINY_PARAMETERS
-  # the kernel inherits this environment: dmx importable from the checkout, no display needed
-  python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get('PYTHONPATH')) if p)
-  monkeypatch.setenv('PYTHONPATH', python_path)
-  monkeypatch.setenv('MPLBACKEND', 'Agg')
-  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
-                                   resources={'metadata': {'path': str(tmp_path)}})
-  client.execute()  # raises CellExecutionError on the first failing cell
+  _execute(notebook, tmp_path, monkeypatch, timeout=600)
 
   # ground truth, loss curve, bottleneck, training curves, two keep-probability heatmaps
   text = _check_executed(notebook, min_figures=6)
@@ -101,8 +111,8 @@ def test_notebook_runs_with_tiny_parameters(notebook, tmp_path, monkeypatch):
 SST_NOTEBOOK = REPO_ROOT / 'notebooks' / 'sst_analysis.ipynb'
 
 
-def test_sst_notebook_runs_on_tiny_diffmask_runs(tmp_path, monkeypatch, minilm_tokenizer):
-  from tests.test_diffmask_text import parse, sst_args, tiny_model, write_model_folder
+def test_sst_notebook_runs_on_tiny_diffmask_runs(tmp_path, monkeypatch, sst_model_folder):
+  from tests.test_diffmask_text import parse, sst_args
   from dmx.pipelines import diffmask_text
 
   sst_notebook = nbformat.read(SST_NOTEBOOK, as_version=4)
@@ -117,9 +127,7 @@ def test_sst_notebook_runs_on_tiny_diffmask_runs(tmp_path, monkeypatch, minilm_t
   assert "'runs/sst_minilm_diffmask_input'" in cells[0].source
   assert "'runs/sst_minilm_diffmask_hidden'" in cells[0].source
 
-  model, params = tiny_model(minilm_tokenizer, 0, head='classification', num_labels=5)
-  model_folder = write_model_folder(tmp_path / 'model', model, params, minilm_tokenizer,
-                                    'BertForSequenceClassification')
+  model_folder = sst_model_folder
   run_dirs = {gate: str(tmp_path / f'run_{gate}') for gate in ('input', 'hidden')}
   for gate, folder in run_dirs.items():  # 2 steps, 8 dev sentences: a smoke test of the plumbing
     options = {'--steps': '2', '--max-eval-examples': '8', '--num-heatmaps': '0'}
@@ -129,15 +137,7 @@ def test_sst_notebook_runs_on_tiny_diffmask_runs(tmp_path, monkeypatch, minilm_t
                      f'run_dirs = {run_dirs!r}\n'
                      'num_shown = 2\n'
                      "new_sentence = 'a gripping , funny film .'\n")
-  python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get('PYTHONPATH')) if p)
-  monkeypatch.setenv('PYTHONPATH', python_path)
-  monkeypatch.setenv('MPLBACKEND', 'Agg')
-  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  client = nbclient.NotebookClient(sst_notebook, timeout=300, kernel_name='python3',
-                                   resources={'metadata': {'path': str(tmp_path)}})
-  client.execute()
-  if os.environ.get('DMX_KEEP_EXECUTED_NOTEBOOK'):  # to look at the result by hand
-    nbformat.write(sst_notebook, os.environ['DMX_KEEP_EXECUTED_NOTEBOOK'])
+  _execute(sst_notebook, tmp_path, monkeypatch, timeout=300)
 
   # per-depth lines, two heatmap figures, Figure 8b, two explained sentences
   text = _check_executed(sst_notebook, min_figures=6)

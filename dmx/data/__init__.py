@@ -5,4 +5,5 @@ Each module has its own ``iterate_batches``; import the module
 """
 
 from dmx.data import squad, sst, toy
-from dmx.data.toy import ToyData, endless_batches, generate_toy_data, ground_truth_attribution, split_toy_data
+from dmx.data.common import endless_batches
+from dmx.data.toy import ToyData, generate_toy_data, ground_truth_attribution, split_toy_data

@@ -18,6 +18,33 @@ def batch_indices(num_examples: int, batch_size: int, rng: np.random.Generator |
     yield order[start:start + batch_size]
 
 
+def endless_batches(features, batch_size: int, seed: int) -> Iterator[dict]:
+  """Model-ready batch dicts, reshuffled every pass, forever (for ``dmx.train.fit``).
+
+  Every pass is a new permutation; a pass's remainder is dropped (when the data
+  holds at least one full batch) so all batches share one shape. ``features``
+  needs ``len``, ``take(indices)`` and ``as_batch()``.
+  """
+  rng = np.random.default_rng(seed)
+  while True:
+    for indices in batch_indices(len(features), batch_size, rng,
+                                 drop_remainder=len(features) >= batch_size):
+      yield features.take(indices).as_batch()
+
+
+def padded_batches(features, batch_size: int) -> Iterator[tuple[dict, int]]:
+  """In-order model batches of exactly ``batch_size`` rows, and how many rows are real.
+
+  The last batch repeats its last row, so every batch has one shape and a
+  jitted function compiles once. ``features`` needs ``len``, ``take(indices)``
+  and ``as_batch()`` (SST and SQuAD features have them).
+  """
+  for indices in batch_indices(len(features), batch_size):
+    count = len(indices)
+    indices = np.concatenate([indices, np.full(batch_size - count, indices[-1])])
+    yield features.take(indices).as_batch(), count
+
+
 def require_fast_tokenizer(tokenizer, purpose: str) -> None:
   """Raises a one-line ``TypeError`` unless ``tokenizer`` is a fast (Rust) tokenizer.
 

@@ -217,8 +217,11 @@ def example_from_tree(tree: Tree, unescape: Unescape = 'ptb') -> SstExample:
   return SstExample(' '.join(words), words, tree.label, tuple(tree.leaf_labels), tree)
 
 
-def read_sst(path: str | os.PathLike, unescape: Unescape = 'ptb') -> list[SstExample]:
+def read_sst(path: str | os.PathLike, unescape: Unescape = 'ptb',
+             limit: int | None = None) -> list[SstExample]:
   """Reads a file of PTB sentiment trees, one per line (blank lines are skipped).
+
+  ``limit`` stops after that many trees (the rest of the file is not parsed).
 
   Raises:
     FileNotFoundError: when ``path`` does not exist.
@@ -231,6 +234,8 @@ def read_sst(path: str | os.PathLike, unescape: Unescape = 'ptb') -> list[SstExa
   examples = []
   with open(path, encoding='utf-8') as f:
     for line_number, line in enumerate(f, start=1):
+      if len(examples) == limit:
+        break
       if not line.strip():
         continue
       try:
@@ -275,9 +280,9 @@ def sst_split_path(split: str, data_dir: str | os.PathLike | None = None) -> Pat
 
 
 def load_sst(split: str, data_dir: str | os.PathLike | None = None,
-             unescape: Unescape = 'ptb') -> list[SstExample]:
-  """``read_sst(sst_split_path(split, data_dir))``."""
-  return read_sst(sst_split_path(split, data_dir), unescape)
+             unescape: Unescape = 'ptb', limit: int | None = None) -> list[SstExample]:
+  """``read_sst(sst_split_path(split, data_dir), unescape, limit)``."""
+  return read_sst(sst_split_path(split, data_dir), unescape, limit)
 
 
 def load_sst_tfds(split: str = 'train', unescape: Unescape = 'ptb',

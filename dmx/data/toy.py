@@ -14,6 +14,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from dmx.data.common import batch_indices
+
 NUM_DIGITS = 10
 
 
@@ -89,15 +91,5 @@ def ground_truth_attribution(data: ToyData) -> np.ndarray:
 def iterate_batches(data: ToyData, batch_size: int, rng: np.random.Generator | None = None,
                     drop_remainder: bool = False) -> Iterator[ToyData]:
   """Batches in order, or shuffled when ``rng`` is given."""
-  order = np.arange(len(data)) if rng is None else rng.permutation(len(data))
-  stop = len(data) - (len(data) % batch_size if drop_remainder else 0)
-  for start in range(0, stop, batch_size):
-    yield data.take(order[start:start + batch_size])
-
-
-def endless_batches(data: ToyData, batch_size: int, seed: int) -> Iterator[dict]:
-  """Model-ready batch dicts, reshuffled every pass, forever (for ``dmx.train.fit``)."""
-  rng = np.random.default_rng(seed)
-  while True:
-    for batch in iterate_batches(data, batch_size, rng, drop_remainder=len(data) >= batch_size):
-      yield batch.as_batch()
+  for indices in batch_indices(len(data), batch_size, rng, drop_remainder):
+    yield data.take(indices)

@@ -386,8 +386,8 @@ class BertModel:
     ``l = 0`` recomputes the embedding sum and LayerNorm from the new ``h0``,
     then every layer; ``l >= 1`` runs layers ``l..L`` from the new ``h_l``;
     ``l = L + 1`` only the head. ``layer_index`` may be a Python int or a
-    traced int scalar (then one compiled program serves every depth, and
-    ``intervention`` receives the traced index).
+    traced int scalar: one compiled program serves every depth, and
+    ``intervention`` receives the index as an int32 array.
     """
     input_ids, mask, token_type_ids = self._inputs(batch)
     if len(states) != self.config.num_states:
@@ -397,19 +397,10 @@ class BertModel:
     recombine = lambda word_embedded: self.embeddings.apply(
         embedding_params, word_embedded, input_ids, token_type_ids, method=Embeddings.combine)
 
-    if isinstance(layer_index, (int, np.integer)):
-      layer_index = int(layer_index)
-      if not 0 <= layer_index < self.config.num_states:
-        raise ValueError(f'layer_index must be in [0, {self.config.num_states}), got {layer_index}')
-      replaced = intervention(layer_index, states[layer_index])
-      hidden = (recombine(replaced) if layer_index == 0
-                else replaced.astype(self.config.compute_dtype))
-      first_layer = max(layer_index, 1) - 1  # layer k (1-based) is row k - 1 of the stack
-      remaining = jax.tree.map(lambda stacked: stacked[first_layer:], params['layers'])
-      step = lambda hidden, layer_params: (self._run_layer(layer_params, hidden, bias), None)
-      final, _ = jax.lax.scan(step, hidden, remaining)
-      return self._outputs(params, final, mask)
-
+    if isinstance(layer_index, (int, np.integer)) and not 0 <= layer_index < self.config.num_states:
+      raise ValueError(f'layer_index must be in [0, {self.config.num_states}), got {layer_index}')
+    # one path for Python ints and traced indices: the scan skips layers below the injection
+    # point with lax.cond, so a static index costs no more than a sliced scan would
     layer_index = jnp.asarray(layer_index, jnp.int32)
     replaced = intervention(layer_index, jnp.stack(states)[layer_index])
     hidden = jax.lax.cond(layer_index == 0, recombine,

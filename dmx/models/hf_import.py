@@ -21,6 +21,7 @@ import json
 import logging
 import pathlib
 import re
+import shutil
 import warnings
 from typing import Any, Iterable, Sequence
 
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 # model_type in config.json -> its weight-name prefix and classifier style
 MODEL_TYPES = {'bert': 'bert', 'roberta': 'roberta'}
 HEAD_CHOICES = (None, 'auto') + HEADS
+ARCHITECTURES = {
+    model_type: {None: f'{name}Model', 'classification': f'{name}ForSequenceClassification',
+                 'question_answering': f'{name}ForQuestionAnswering'}
+    for model_type, name in (('bert', 'Bert'), ('roberta', 'Roberta'))}
 TASK_LAYER_NAMES = ('classifier.', 'qa_outputs.')  # HF weights outside the base-model prefix
 SAFETENSORS_NAME = 'model.safetensors'
 SAFETENSORS_INDEX_NAME = 'model.safetensors.index.json'
@@ -51,6 +56,10 @@ REQUIRED_CONFIG_KEYS = {
 
 class ModelLoadError(ValueError):
   """A model folder, hub id, config or checkpoint that dmx cannot load."""
+
+
+class MissingHeadError(ModelLoadError):
+  """The checkpoint has no weights for the requested head (and a random one was refused)."""
 
 
 # ---------------------------------------------------------------------------
@@ -185,6 +194,62 @@ def bert_config_from_hf(hf_config: dict, *, head: str | None = None, num_labels:
     raise ModelLoadError(f'{source}: {error}') from error
 
 
+def hf_config_from_bert(config: BertConfig, *, model_type: str = 'bert',
+                        label_names: Sequence[str] | None = None,
+                        base: dict | None = None) -> dict:
+  """The inverse of :func:`bert_config_from_hf`: a ``config.json`` dict for ``config``.
+
+  ``architectures`` follows the head (``BertModel``, ``BertForSequenceClassification``,
+  ``BertForQuestionAnswering`` or the RoBERTa names). ``base`` (e.g. the
+  config.json fine-tuned from) supplies every other key.
+  """
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f'model_type must be one of {tuple(MODEL_TYPES)}, got {model_type!r}')
+  label_names = list(label_names or [f'LABEL_{k}' for k in range(config.num_labels)])
+  if len(label_names) != config.num_labels:
+    raise ValueError(f'{len(label_names)} label names for {config.num_labels} labels')
+  hf_config = {key: value for key, value in (base or {}).items() if key != '_name_or_path'}
+  hf_config.update({key: getattr(config, field) for key, field in REQUIRED_CONFIG_KEYS.items()})
+  hf_config.update(
+      model_type=model_type, architectures=[ARCHITECTURES[model_type][config.head]],
+      type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
+      hidden_act=config.hidden_act, pad_token_id=config.pad_token_id,
+      initializer_range=config.initializer_range, num_labels=config.num_labels,
+      id2label={str(k): name for k, name in enumerate(label_names)},
+      label2id={name: k for k, name in enumerate(label_names)})
+  return hf_config
+
+
+def save_pretrained(folder: str | pathlib.Path, model: BertModel, params: Params, tokenizer=None,
+                    *, model_type: str = 'bert', label_names: Sequence[str] | None = None,
+                    base_config: dict | None = None) -> pathlib.Path:
+  """Writes a Hugging Face folder that :func:`load_pretrained` (and transformers) read.
+
+  ``config.json`` from :func:`hf_config_from_bert`, ``model.safetensors`` from
+  :func:`to_state_dict`, and the tokenizer's files when given. The folder is
+  written under a temporary name and renamed, so a crash never leaves half of
+  it in place.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
+  folder = pathlib.Path(folder)
+  hf_config = hf_config_from_bert(model.config, model_type=model_type, label_names=label_names,
+                                  base=base_config)
+  staging = folder.with_name(folder.name + '.writing')
+  if staging.exists():
+    shutil.rmtree(staging)
+  staging.mkdir(parents=True)
+  (staging / 'config.json').write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+  save_file(to_state_dict(model, params, model_type=model_type), str(staging / SAFETENSORS_NAME),
+            metadata={'format': 'pt'})
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(staging))
+  if folder.exists():
+    shutil.rmtree(folder)
+  staging.rename(folder)
+  return folder
+
+
 # ---------------------------------------------------------------------------
 # Weights
 
@@ -317,12 +382,13 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
 
 def params_from_state_dict(model: BertModel, state_dict: dict[str, np.ndarray], *,
                            model_type: str = 'bert', key: jax.Array | None = None,
-                           source: str = 'checkpoint') -> Params:
+                           source: str = 'checkpoint', random_head: bool = True) -> Params:
   """dmx parameters of ``model`` from a HF state dict (names as in the checkpoint).
 
   A head whose weights are absent is initialised randomly from ``key`` (with
-  a warning); any other absent weight, or a shape that disagrees with the
-  config, raises :class:`ModelLoadError`.
+  a warning) when ``random_head``, else it raises :class:`ModelLoadError`;
+  any other absent weight, or a shape that disagrees with the config, raises
+  :class:`ModelLoadError`.
   """
   state_dict = normalize_weight_names(state_dict, model_type)
   expected = jax.eval_shape(lambda: model.init(jax.random.key(0), 1))
@@ -351,6 +417,9 @@ def params_from_state_dict(model: BertModel, state_dict: dict[str, np.ndarray], 
     value = np.stack(tensors) if stacked else tensors[0]
     _set_path(params, weight.path, jnp.asarray(value, jnp.float32))
     used.update(weight.hf_names)
+  if missing_head and not random_head:
+    raise MissingHeadError(f'{source} has no trained {model.config.head} head (missing '
+                         f'{missing_head[0]}); fine-tune the model for this task first')
   if missing_head:
     warnings.warn(f'{source} lacks {model.config.head} head weights ({", ".join(missing_head)}); '
                   f'they are randomly initialised and must be trained', UserWarning, stacklevel=3)
@@ -397,7 +466,8 @@ def load_tokenizer(folder: pathlib.Path):
 
 def load_pretrained(path_or_hub_id: str | pathlib.Path, *, head: str | None = None,
                     num_labels: int | None = None, dtype: str = 'float32', seed: int = 0,
-                    with_tokenizer: bool = True) -> tuple[BertModel, Params, Any]:
+                    with_tokenizer: bool = True, random_head: bool = True
+                    ) -> tuple[BertModel, Params, Any]:
   """Loads a Hugging Face BERT or RoBERTa checkpoint.
 
   Args:
@@ -407,7 +477,8 @@ def load_pretrained(path_or_hub_id: str | pathlib.Path, *, head: str | None = No
     head: ``None`` for the encoder alone (outputs ``(batch, seq, hidden)``),
       ``'classification'``, ``'question_answering'``, or ``'auto'`` for the
       head named in ``config.json``'s ``architectures``. A head the checkpoint
-      lacks is randomly initialised (seeded by ``seed``) with a warning.
+      lacks is randomly initialised (seeded by ``seed``) with a warning, or,
+      with ``random_head=False``, is an error (a frozen model to explain).
     num_labels: classification labels; defaults to the config's.
     dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (parameters stay float32).
     with_tokenizer: load the tokenizer too (``None`` if the folder has none).
@@ -436,7 +507,8 @@ def load_pretrained(path_or_hub_id: str | pathlib.Path, *, head: str | None = No
                                source=str(folder / 'config.json'))
   model = BertModel(config)
   params = params_from_state_dict(model, state_dict, model_type=model_type,
-                                  key=jax.random.key(seed), source=str(folder))
+                                  key=jax.random.key(seed), source=str(folder),
+                                  random_head=random_head)
   tokenizer = load_tokenizer(folder) if with_tokenizer else None
   return model, params, tokenizer
 

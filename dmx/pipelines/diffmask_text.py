@@ -37,9 +37,8 @@ import dataclasses
 import json
 import math
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +46,10 @@ import numpy as np
 
 from dmx import attribute, checkpoint, metrics, objective, probes, train, viz
 from dmx.data import squad as squad_data
-from dmx.data.common import batch_indices
+from dmx.data.common import endless_batches, padded_batches
 from dmx.data import sst as sst_data
 from dmx.models.bert import BertModel
-from dmx.models.hf_import import load_pretrained
+from dmx.models.hf_import import MissingHeadError, load_pretrained
 from dmx.pipelines import checked_output_folder
 
 TASKS = ('sst', 'squad')
@@ -188,25 +187,15 @@ def load_frozen_model(config: TextDiffMaskConfig, log: Callable[[str], None] = p
   head = TASK_HEADS[config.task]
   if not Path(config.model).expanduser().is_dir():
     raise ValueError(f'--model {config.model}: model folder does not exist')
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter('always')
-    # a random head (smoke tests) gets SST-5's label count; a trained one keeps its own
-    num_labels = sst_data.NUM_CLASSES if config.task == 'sst' and config.allow_random_head else None
+  # a random head (smoke tests) gets SST-5's label count; a trained one keeps its own
+  num_labels = sst_data.NUM_CLASSES if config.task == 'sst' and config.allow_random_head else None
+  try:
     model, params, tokenizer = load_pretrained(config.model, head=head, num_labels=num_labels,
-                                               dtype=config.dtype, seed=config.seed)
-  random_head = False
-  for warning in caught:
-    message = str(warning.message)
-    if 'head weights' in message:
-      random_head = True
-    else:
-      warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-  if random_head:
-    if not config.allow_random_head:
-      raise ValueError(f'--model {config.model}: the checkpoint has no trained {head} head '
-                       f'(fine-tune it for {config.task} first, or pass --allow-random-head '
-                       'for a smoke test)')
-    log(f'warning: {config.model} has no {head} head; using a random one (smoke test only)')
+                                               dtype=config.dtype, seed=config.seed,
+                                               random_head=config.allow_random_head)
+  except MissingHeadError as error:
+    raise ValueError(f'--model {config.model}: {error} (or pass --allow-random-head for a '
+                     'smoke test)') from None
   if tokenizer is None or not getattr(tokenizer, 'is_fast', False):
     raise ValueError(f'--model {config.model}: the folder needs a fast tokenizer '
                      '(tokenizer.json or vocab.txt)')
@@ -226,26 +215,6 @@ def _first(examples: list, limit: int | None) -> list:
   return examples if limit is None else examples[:limit]
 
 
-def read_first_sst(split: str, data_dir: str | None, limit: int | None
-                   ) -> list[sst_data.SstExample]:
-  """The first ``limit`` trees (all when ``None``) of an SST split, parsing no more than needed."""
-  if limit is None:
-    return sst_data.load_sst(split, data_dir)
-  path = sst_data.sst_split_path(split, data_dir)
-  examples = []
-  with open(path, encoding='utf-8') as lines:
-    for line_number, line in enumerate(lines, start=1):
-      if len(examples) == limit:
-        break
-      if line.strip():
-        try:
-          tree = sst_data.parse_tree(line, line_number)
-        except ValueError as error:
-          raise ValueError(f'{path}: {error}') from None
-        examples.append(sst_data.example_from_tree(tree))
-  return examples
-
-
 def load_task_data(config: TextDiffMaskConfig, tokenizer):
   """``(train_features, eval_examples, eval_features)`` for the task.
 
@@ -253,9 +222,10 @@ def load_task_data(config: TextDiffMaskConfig, tokenizer):
   """
   try:
     if config.task == 'sst':
-      train_examples = read_first_sst(config.train_split, config.data_dir,
-                                      config.max_train_examples)
-      eval_examples = read_first_sst(config.eval_split, config.data_dir, config.max_eval_examples)
+      train_examples = sst_data.load_sst(config.train_split, config.data_dir,
+                                         limit=config.max_train_examples)
+      eval_examples = sst_data.load_sst(config.eval_split, config.data_dir,
+                                        limit=config.max_eval_examples)
     else:
       train_examples = _first(squad_data.load_squad(config.train_split, config.data_dir),
                               config.max_train_examples)
@@ -270,27 +240,6 @@ def load_task_data(config: TextDiffMaskConfig, tokenizer):
   else:
     encode = lambda examples: squad_data.encode_squad(examples, tokenizer, config.max_length)
   return encode(train_examples), eval_examples, encode(eval_examples)
-
-
-def endless_batches(features, batch_size: int, seed: int) -> Iterator[dict]:
-  """Shuffled model batches ``{input_ids, mask, token_type_ids}`` of ``(batch_size, S)``, forever.
-
-  Every epoch is a new permutation; the remainder of an epoch is dropped so
-  all batches share one shape (``batch_size`` must not exceed the data).
-  """
-  rng = np.random.default_rng(seed)
-  while True:
-    for indices in batch_indices(len(features), batch_size, rng, drop_remainder=True):
-      yield features.take(indices).as_batch()
-
-
-def _padded_batches(features, batch_size: int) -> Iterator[tuple[dict, int]]:
-  """In-order batches padded to ``batch_size`` rows (the last row repeated), and the real count."""
-  for start in range(0, len(features), batch_size):
-    indices = np.arange(start, min(start + batch_size, len(features)))
-    count = len(indices)
-    indices = np.concatenate([indices, np.full(batch_size - count, indices[-1])])
-    yield features.take(indices).as_batch(), count
 
 
 def mask_token_baseline(params, tokenizer) -> jax.Array:
@@ -316,25 +265,22 @@ def make_evaluator(model: BertModel, frozen_params, probe, dm_config: train.Diff
   is 0) and ``layers_kept`` ``(B, S)`` (depths whose gate is > 0).
   """
   num_states = len(model.state_dims)
-  gate_kwargs = dict(temperature=dm_config.temperature, stretch=dm_config.stretch)
 
   def evaluate(frozen, probe_params, batch):
-    outputs, states = model.forward(frozen, batch)
-    vote_logits = probe.apply(probe_params, states)
+    outputs, states = model.forward(frozen, batch)  # the one clean pass
+    keep_prob, gates = attribute.keep_probs_and_gates(probe, probe_params, dm_config, states,
+                                                      batch['mask'])
     baselines = probe.apply(probe_params, method='baseline_vectors')
     real = batch['mask'].astype(bool)[None]
-    keep_prob = jnp.exp(probes.gate_log_keep_probs(dm_config.gate, vote_logits, **gate_kwargs))
-    gates = attribute.deterministic_gates(dm_config, vote_logits)
 
     def masked_at(depth):
       return train.masked_pass(model, frozen, batch, states, dm_config.gate, gates[depth],
                                baselines, depth)
 
     masked_outputs = jax.lax.map(masked_at, jnp.arange(num_states))
-    return dict(outputs=outputs, masked_outputs=masked_outputs,
-                keep_prob=jnp.where(real, keep_prob, 0.0),
+    return dict(outputs=outputs, masked_outputs=masked_outputs, keep_prob=keep_prob,
                 closed=(gates == 0) & real,
-                layers_kept=jnp.sum((gates > 0) & real, axis=0).astype(jnp.int32))
+                layers_kept=jnp.sum(gates > 0, axis=0).astype(jnp.int32))
 
   compiled = jax.jit(evaluate)  # frozen parameters as an argument, not baked-in constants
   return lambda probe_params, batch: compiled(frozen_params, probe_params, batch)
@@ -343,7 +289,7 @@ def make_evaluator(model: BertModel, frozen_params, probe, dm_config: train.Diff
 def run_evaluation(evaluator, probe_params, features, batch_size: int) -> dict:
   """Runs ``evaluator`` over all of ``features``; arrays concatenated on the example axis."""
   parts = []
-  for batch, count in _padded_batches(features, batch_size):
+  for batch, count in padded_batches(features, batch_size):
     result = jax.device_get(evaluator(probe_params, batch))
     parts.append({name: (value[:, :count] if name in ('masked_outputs', 'keep_prob', 'closed')
                          else value[:count]) for name, value in result.items()})
@@ -371,7 +317,7 @@ def _summary_note(gate: str, num_states: int) -> str:
 
 
 def sst_scores(result: dict, features: sst_data.SstFeatures, gate: str) -> dict:
-  """Masked fractions, agreement and macro-F1 (percent) per depth and at the summary depth."""
+  """Masked fractions, agreement and macro-F1 (all in [0, 1]) per depth and at the summary depth."""
   real_tokens = features.mask.sum()
   original = result['outputs'].argmax(-1)
   masked = result['masked_outputs'].argmax(-1)  # (K, N)
@@ -381,11 +327,11 @@ def sst_scores(result: dict, features: sst_data.SstFeatures, gate: str) -> dict:
     per_layer.append(dict(
         masked_fraction=float(result['closed'][depth].sum() / real_tokens),
         agreement=float(np.mean(masked[depth] == original)),
-        macro_f1_masked=100 * metrics.macro_f1(labels, masked[depth], sst_data.NUM_CLASSES),
+        macro_f1_masked=metrics.macro_f1(labels, masked[depth], sst_data.NUM_CLASSES),
         mean_keep_prob=float(result['keep_prob'][depth].sum() / real_tokens)))
   pick = lambda name: _at_summary([layer[name] for layer in per_layer], gate)
   return dict(masked_fraction=pick('masked_fraction'), agreement=pick('agreement'),
-              macro_f1_original=100 * metrics.macro_f1(labels, original, sst_data.NUM_CLASSES),
+              macro_f1_original=metrics.macro_f1(labels, original, sst_data.NUM_CLASSES),
               macro_f1_masked=pick('macro_f1_masked'),
               accuracy_original=float(np.mean(original == labels)),
               per_layer=per_layer)
@@ -663,8 +609,8 @@ def format_summary(report: dict) -> str:
            f"  masked fraction {report['masked_fraction']:.3f}, "
            f"agreement {report['agreement']:.3f}"]
   if report['task'] == 'sst':
-    lines.append(f"  macro-F1 {report['macro_f1_original']:.1f} -> "
-                 f"{report['macro_f1_masked']:.1f}")
+    lines.append(f"  macro-F1 {report['macro_f1_original']:.3f} -> "
+                 f"{report['macro_f1_masked']:.3f}")
   else:
     lines.append(f"  EM {report['exact_match_original']:.1f} -> "
                  f"{report['exact_match_masked']:.1f}, "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -128,12 +127,9 @@ def load_model(metadata: dict, model: str | Path | None = None):
       raise ValueError(f'--model {model}: model folder does not exist')
     raise ValueError(f'the probe\'s model folder {path} does not exist (moved?); '
                      'pass --model DIR to point at it')
-  with warnings.catch_warnings():
-    # a head missing from the checkpoint is random: the probe's report already said so
-    warnings.filterwarnings('ignore', message='.*head weights.*')
-    frozen_model, params, tokenizer = load_pretrained(
-        path, head=metadata.get('head', 'classification'),
-        num_labels=sst_data.NUM_CLASSES if metadata['task'] == 'sst' else None)
+  # a random head would differ from the one the probe was trained against: refuse it
+  frozen_model, params, tokenizer = load_pretrained(
+      path, head=metadata.get('head', 'classification'), random_head=False)
   if tokenizer is None:
     raise ValueError(f'--model {path}: the folder has no tokenizer')
   if tuple(frozen_model.state_dims) != tuple(metadata['state_dims']):
@@ -243,8 +239,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--out', default=None,
                       help='heatmap PNG to write (default explain_<gate>.png here)')
   parser.add_argument('--no-plot', action='store_true', help='print the table only')
-  parser.add_argument('--question', default=None,
-                      help='SQuAD question (SQuAD probes are not supported yet)')
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -252,8 +246,6 @@ def run_from_args(args: argparse.Namespace) -> int:
 
   Bad input raises ValueError with a one-line message.
   """
-  if args.question is not None:
-    raise ValueError('--question: SQuAD probes are not supported yet by dmx explain')
   out = None
   if not args.no_plot and args.out is not None:
     out = Path(args.out)

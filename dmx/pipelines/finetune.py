@@ -36,7 +36,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -49,10 +48,11 @@ from tqdm.auto import tqdm
 
 from dmx import checkpoint, metrics
 from dmx.data import sst
+from dmx.data.common import padded_batches
 from dmx.pipelines import checked_output_folder
 from dmx.models.bert import BertModel, Params
-from dmx.models.hf_import import (MODEL_TYPES, bundled_minilm_folder, load_pretrained,
-                                  read_hf_config, resolve_model_folder, to_state_dict)
+from dmx.models.hf_import import (bundled_minilm_folder, load_pretrained, read_hf_config,
+                                  resolve_model_folder, save_pretrained)
 
 BUNDLED_MINILM = 'bundled-minilm'  # --model alias for dmx.models.hf_import.bundled_minilm_folder()
 CHECKPOINT_DIR = 'checkpoint'
@@ -235,11 +235,7 @@ def evaluate(predict: Callable, params: Params, features: sst.SstFeatures, bucke
              batch_size: int = EVAL_BATCH_SIZE) -> dict:
   """``{'accuracy', 'macro_f1', 'loss'}`` of ``params`` on ``features`` (all examples)."""
   logits = []
-  for batch, _ in sst.iterate_batches(features, batch_size):
-    size = len(batch['input_ids'])
-    if size < batch_size:  # pad the last batch so it reuses the compiled shape
-      batch = {name: np.concatenate([value, np.repeat(value[-1:], batch_size - size, 0)])
-               for name, value in batch.items()}
+  for batch, size in padded_batches(features, batch_size):
     logits.append(np.asarray(predict(params, trim_batch(batch, bucket)))[:size])
   logits = np.concatenate(logits).astype(np.float64)
   labels = features.labels
@@ -288,45 +284,6 @@ def restore_checkpoint(path: Path, config: FinetuneConfig, state: dict, best_par
           metadata)
 
 
-def write_model_folder(folder: Path, model: BertModel, params: Params, tokenizer,
-                       source_config: dict) -> Path:
-  """Writes a Hugging Face ``*ForSequenceClassification`` folder, atomically.
-
-  ``source_config`` is the ``config.json`` of the model fine-tuned from; its
-  ``architectures`` and label fields are replaced.
-  """
-  model_type = source_config.get('model_type', 'bert')
-  if model_type not in MODEL_TYPES:
-    raise ValueError(f'model_type must be one of {tuple(MODEL_TYPES)}, got {model_type!r}')
-  from safetensors.numpy import save_file
-
-  folder = Path(folder)
-  staging = folder.with_name(folder.name + '.writing')
-  if staging.exists():
-    shutil.rmtree(staging)
-  staging.mkdir(parents=True)
-  num_labels = model.config.num_labels
-  names = sst.LABEL_NAMES if num_labels == sst.NUM_CLASSES else [f'LABEL_{i}'
-                                                                 for i in range(num_labels)]
-  hf_config = {key: value for key, value in source_config.items() if key != '_name_or_path'}
-  hf_config.update(
-      architectures=['BertForSequenceClassification' if model_type == 'bert'
-                     else 'RobertaForSequenceClassification'],
-      model_type=model_type, num_labels=num_labels,
-      id2label={str(i): name for i, name in enumerate(names)},
-      label2id={name: i for i, name in enumerate(names)},
-      problem_type='single_label_classification')
-  (staging / 'config.json').write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-  save_file(to_state_dict(model, params, model_type=model_type),
-            str(staging / 'model.safetensors'), metadata={'format': 'pt'})
-  if tokenizer is not None:
-    tokenizer.save_pretrained(str(staging))
-  if folder.exists():
-    shutil.rmtree(folder)
-  staging.rename(folder)
-  return folder
-
-
 def machine_info() -> dict:
   """Host and JAX device facts for the report."""
   return {'hostname': platform.node(), 'platform': platform.platform(),
@@ -341,8 +298,8 @@ def machine_info() -> dict:
 
 def load_features(config: FinetuneConfig, tokenizer) -> tuple[sst.SstFeatures, sst.SstFeatures]:
   """Encoded SST ``(train, dev)``, cut to ``max_{train,eval}_examples``."""
-  train_examples = sst.load_sst('train', config.data_dir)[:config.max_train_examples]
-  dev_examples = sst.load_sst('dev', config.data_dir)[:config.max_eval_examples]
+  train_examples = sst.load_sst('train', config.data_dir, limit=config.max_train_examples)
+  dev_examples = sst.load_sst('dev', config.data_dir, limit=config.max_eval_examples)
   return (sst.encode_sst(train_examples, tokenizer, config.max_length),
           sst.encode_sst(dev_examples, tokenizer, config.max_length))
 
@@ -466,8 +423,10 @@ def run_finetune(config: FinetuneConfig, out_dir: str | os.PathLike, *, progress
   if last_saved != step or resumed_from == step or not checkpoint_dir.exists():
     save_checkpoint(checkpoint_dir, state, best_params, metadata_now(step))
 
-  model_dir = write_model_folder(out_dir / MODEL_DIR, model, best_params, tokenizer,
-                                 source_config)
+  model_dir = save_pretrained(
+      out_dir / MODEL_DIR, model, best_params, tokenizer,
+      model_type=source_config.get('model_type', 'bert'), label_names=sst.LABEL_NAMES,
+      base_config={**source_config, 'problem_type': 'single_label_classification'})
   final = history[-1]
   report = {
       'task': 'finetune_sst',

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from dmx import attribute, checkpoint, metrics, objective, probes, train, viz
-from dmx.data.toy import (ToyData, endless_batches, generate_toy_data, ground_truth_attribution,
+from dmx.data.common import endless_batches
+from dmx.data.toy import (ToyData, generate_toy_data, ground_truth_attribution,
                           split_toy_data)
 from dmx.models.toy import STATE_NAMES, ToyModel, ToyModelConfig, accuracy, train_toy_model
 
