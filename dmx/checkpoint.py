@@ -54,6 +54,18 @@ def _readable(path: str | os.PathLike) -> Path:
   return path
 
 
+def exists(path: str | os.PathLike) -> bool:
+  """Whether ``path`` holds a checkpoint, whole or not (a half-written save counts).
+
+  A folder that exists and is not empty counts, so that a damaged checkpoint
+  is reported by :func:`read_metadata` / :func:`restore` rather than silently
+  replaced by a fresh start.
+  """
+  path = Path(path).absolute()
+  previous = path.with_name(path.name + '.previous')
+  return (path.is_dir() and any(path.iterdir())) or previous.is_dir()
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
   """The metadata saved with the checkpoint at ``path``."""
   metadata_file = _readable(path) / 'metadata.json'

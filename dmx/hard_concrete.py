@@ -59,15 +59,20 @@ def _zero_threshold(temperature: float, stretch: Sequence[float]) -> float:
   return temperature * math.log(-low / high)
 
 
-def sample(key: jax.Array, logits: jax.Array, *, temperature: float = DEFAULT_TEMPERATURE,
-           stretch: Sequence[float] = DEFAULT_STRETCH) -> jax.Array:
+def sample(key: jax.Array | None, logits: jax.Array, *,
+           temperature: float = DEFAULT_TEMPERATURE,
+           stretch: Sequence[float] = DEFAULT_STRETCH,
+           noise: jax.Array | None = None) -> jax.Array:
   """Draws reparameterised Hard Concrete gates.
 
   Args:
-    key: PRNG key.
+    key: PRNG key (ignored when ``noise`` is given).
     logits: location parameters ``log alpha``, any shape, e.g. ``(batch, seq)``.
     temperature: Binary Concrete temperature.
     stretch: ``(low, high)`` of the stretched interval.
+    noise: standard logistic noise of ``logits.shape`` to use instead of
+      drawing it from ``key`` (a data-parallel step slices its rows out of the
+      global batch's noise, so every split draws the same gates).
 
   Returns:
     float32 gates of ``logits.shape`` in ``[0, 1]`` with true zeros; the
@@ -76,7 +81,10 @@ def sample(key: jax.Array, logits: jax.Array, *, temperature: float = DEFAULT_TE
   logits = _as_float32(logits)
   low, high = stretch
   # logistic noise is log(u) - log(1 - u) computed without overflow at u -> 0, 1
-  noise = jax.random.logistic(key, logits.shape, dtype=jnp.float32)
+  if noise is None:
+    noise = jax.random.logistic(key, logits.shape, dtype=jnp.float32)
+  elif noise.shape != logits.shape:
+    raise ValueError(f'noise has shape {noise.shape}, logits {logits.shape}')
   concrete = jax.nn.sigmoid((noise + logits) / temperature)
   return jnp.clip(concrete * (high - low) + low, 0.0, 1.0)
 

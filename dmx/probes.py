@@ -195,7 +195,8 @@ def gate_log_keep_probs(gate: str, vote_logits: jax.Array, *, temperature: float
 
 
 def sample_gates(gate: str, key: jax.Array, vote_logits: jax.Array, layer_index: jax.Array, *,
-                 temperature: float, stretch: Sequence[float]) -> tuple[jax.Array, jax.Array]:
+                 temperature: float, stretch: Sequence[float], example_offset=0,
+                 global_batch: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Samples the gate at depth ``layer_index`` (may be traced).
 
   Args:
@@ -203,12 +204,23 @@ def sample_gates(gate: str, key: jax.Array, vote_logits: jax.Array, layer_index:
     key: PRNG key.
     vote_logits: ``(num_states, batch, seq)`` from a probe.
     layer_index: scalar depth ``l``.
+    example_offset, global_batch: when ``vote_logits`` hold rows
+      ``example_offset ..`` of a batch of ``global_batch`` rows split across
+      devices, the noise is drawn for the whole batch and these rows taken, so
+      the gates do not depend on how the batch is split (``example_offset``
+      may be traced).
 
   Returns:
     ``gates`` ``(batch, seq)`` in ``[0, 1]`` (float32) and ``log_keep_prob``
     ``(batch, seq)``, the log-probability that each gate is non-zero.
   """
-  votes = hard_concrete.sample(key, vote_logits, temperature=temperature, stretch=stretch)
+  noise = None
+  if global_batch is not None:
+    num_states, batch, seq = vote_logits.shape
+    noise = jax.random.logistic(key, (num_states, global_batch, seq), dtype=jnp.float32)
+    noise = jax.lax.dynamic_slice_in_dim(noise, example_offset, batch, axis=1)
+  votes = hard_concrete.sample(key, vote_logits, temperature=temperature, stretch=stretch,
+                               noise=noise)
   log_keep = gate_log_keep_probs(gate, vote_logits, temperature=temperature, stretch=stretch)
   if gate == 'input':
     votes = jnp.cumprod(votes, axis=0)

@@ -11,6 +11,8 @@ never optimised and never donated; jit the step with ``donate_argnums=0``.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -156,8 +158,10 @@ def init_probe_params(key: jax.Array, model: MaskableModel, probe: nn.Module, fr
 
 
 def _synced(tree) -> optax.LookaheadParams:
-  # distinct buffers for fast and slow weights, so the state can be donated
-  return optax.LookaheadParams(fast=tree, slow=jax.tree_util.tree_map(jnp.array, tree))
+  # fresh buffers for fast and slow weights: donating the state must not
+  # delete the caller's arrays, nor one copy the other
+  copy = lambda values: jax.tree_util.tree_map(jnp.array, values)
+  return optax.LookaheadParams(fast=copy(tree), slow=copy(tree))
 
 
 def init_state(config: DiffMaskConfig, probe_params, num_states: int) -> DiffMaskState:
@@ -218,37 +222,73 @@ def masked_pass(model: MaskableModel, frozen_params, batch: dict, states: Sequen
   return model.forward_from(frozen_params, batch, tuple(states), start, intervention)
 
 
+CLEAN_KEYS = ('clean_outputs', 'clean_states')
+
+
+def clean_pass(model: MaskableModel, frozen_params, batch: dict):
+  """The frozen model's ``(outputs, states)`` on ``batch``, without gradient.
+
+  A batch that carries ``clean_outputs`` ``(batch, ..., classes)`` and
+  ``clean_states`` (a tuple of ``(batch, seq, dim_k)``) computed once for a
+  fixed dataset (the frozen model is deterministic) skips the pass; this is
+  exactly the same computation, cached.
+  """
+  if all(name in batch for name in CLEAN_KEYS):
+    return batch['clean_outputs'], tuple(batch['clean_states'])
+  if any(name in batch for name in CLEAN_KEYS):
+    raise ValueError(f'a batch with a cached clean pass needs both {CLEAN_KEYS}')
+  return jax.lax.stop_gradient(model.forward(frozen_params, batch))
+
+
 def agreement(reference_outputs: jax.Array, other_outputs: jax.Array) -> jax.Array:
   """``(batch,)`` 1.0 where the argmax of every head agrees, else 0.0."""
   same = jnp.argmax(reference_outputs, axis=-1) == jnp.argmax(other_outputs, axis=-1)
   return same.reshape(same.shape[0], -1).all(axis=-1).astype(jnp.float32)
 
 
-def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConfig
+def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConfig,
+                    axis_name: str | None = None, num_shards: int = 1
                     ) -> Callable[[DiffMaskState, Any, dict, jax.Array],
                                   tuple[DiffMaskState, dict]]:
   """Builds the pure step ``(state, frozen_params, batch, key) -> (state, metrics)``.
 
   One sample of the depth and of the gates serves both the probe update and
-  the multiplier update. ``batch['mask']`` ``(batch, seq)`` marks real tokens.
+  the multiplier update. ``batch['mask']`` ``(batch, seq)`` marks real tokens;
+  a batch may carry its clean pass (see :func:`clean_pass`).
   ``metrics`` holds scalars: ``layer_index``, ``loss``, ``divergence``,
   ``sparsity``, ``keep_fraction`` (mean P(z != 0)), ``open_fraction`` (sampled
   gates > 0), ``agreement`` and ``multiplier``.
+
+  With ``axis_name`` the step runs inside ``shard_map`` over ``num_shards``
+  shards of the batch (see :mod:`dmx.parallel`): the depth comes from the
+  shared key, each shard's gate noise is its rows of the global batch's noise,
+  and the gradients of the probe and of the multipliers and the metrics are
+  averaged with ``lax.pmean``, so every shard takes the same update as one
+  device on the whole batch.
   """
   primal, dual = make_optimizers(config)
   gate_kwargs = dict(temperature=config.temperature, stretch=config.stretch)
 
+  def mean_over_shards(tree):
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
   def train_step(state: DiffMaskState, frozen_params, batch: dict, key: jax.Array):
     layer_key, gate_key = jax.random.split(key)
-    outputs, states = jax.lax.stop_gradient(model.forward(frozen_params, batch))
+    outputs, states = clean_pass(model, frozen_params, batch)
     layer_index = jax.random.categorical(layer_key, layer_logits(state, config))
     mask = batch['mask']
+    if axis_name is None:
+      shard_kwargs = {}
+    else:
+      local_batch = mask.shape[0]
+      shard_kwargs = dict(example_offset=jax.lax.axis_index(axis_name) * local_batch,
+                          global_batch=local_batch * num_shards)
 
     def loss_fn(probe_params, multipliers):
       vote_logits = probe.apply(probe_params, states)
       baselines = probe.apply(probe_params, method='baseline_vectors')
       gates, log_keep = probes.sample_gates(config.gate, gate_key, vote_logits, layer_index,
-                                            **gate_kwargs)
+                                            **gate_kwargs, **shard_kwargs)
       masked_outputs = masked_pass(model, frozen_params, batch, states, config.gate, gates,
                                    baselines, layer_index)
       divergence = objective.output_divergence(config.divergence, outputs, masked_outputs)
@@ -263,6 +303,10 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     (loss, aux), (probe_grads, multiplier_grads) = grad_fn(state.params.fast,
                                                             state.multipliers.fast)
+    # every shard holds the mean over its rows: the mean of the means is the
+    # global mean because the shards are equal in size
+    loss, aux, probe_grads, multiplier_grads = mean_over_shards(
+        (loss, aux, probe_grads, multiplier_grads))
     updates, opt_state = primal.update(probe_grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     multiplier_updates, multiplier_opt_state = dual.update(
@@ -288,39 +332,125 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
 
 def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskConfig,
         state: DiffMaskState, batches: Iterator[dict], num_steps: int, key: jax.Array, *,
-        progress: bool = True, description: str = 'diffmask',
-        log_every: int = 500) -> tuple[DiffMaskState, list[dict]]:
-  """Runs ``num_steps`` jitted train steps over ``batches`` with a progress bar.
+        progress: bool = True, description: str = 'diffmask', log_every: int = 500,
+        mesh=None, checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1000) -> tuple[DiffMaskState, list[dict]]:
+  """Trains until ``state.step`` has advanced by ``num_steps``, with a progress bar.
 
   The key of step ``t`` is ``fold_in(key, t)``, so a run is reproducible from
-  ``(key, state.step)`` alone. Returns the final state and one dict of mean
-  metrics per ``log_every`` steps (with the mean per depth under ``per_layer``).
+  ``(key, state.step)`` alone.
+
+  Args:
+    batches: the training batches, one per step, in a reproducible order.
+    log_every: the history gets one entry of mean metrics per ``log_every``
+      steps (and one at every checkpoint), with the mean per depth under
+      ``per_layer``.
+    mesh: a :func:`dmx.parallel.data_mesh`; the step then runs data-parallel,
+      each batch split over the mesh's ``data`` axis. ``None``: one device.
+    checkpoint_dir: the whole train state is saved there every
+      ``checkpoint_every`` steps and at the end. If it already holds a
+      checkpoint of this run (same config, key and target step count), training
+      resumes from it: the first ``checkpoint step - state.step`` batches are
+      skipped, and the result is bit-for-bit the uninterrupted run's.
+
+  Returns:
+    The final state and the history.
+
+  Raises:
+    dmx.checkpoint.CheckpointError: the checkpoint is corrupt or belongs to
+      another run (never a silent fresh start).
   """
+  from dmx import checkpoint as checkpoints  # pylint: disable=import-outside-toplevel
+  from dmx import parallel  # pylint: disable=import-outside-toplevel  (parallel imports train)
   if num_steps < 0:
     raise ValueError(f'num_steps must be >= 0, got {num_steps}')
-  step_fn = jax.jit(make_train_step(model, probe, config), donate_argnums=0)
-  num_states = state.running_steps.shape[0]
-  history, window = [], []
-  bar = tqdm(total=num_steps, desc=description, disable=not progress, unit='step')
+  if checkpoint_every < 1 or log_every < 1:
+    raise ValueError('checkpoint_every and log_every must be >= 1')
   first_step = int(state.step)
-  for offset in range(num_steps):
+  last_step = first_step + num_steps
+  run_metadata = dict(diffmask_config=_jsonable_config(config), first_step=first_step,
+                      last_step=last_step, key=_key_fingerprint(key))
+  history: list[dict] = []
+  if checkpoint_dir is not None and checkpoints.exists(checkpoint_dir):
+    state, history = _resume(checkpoint_dir, state, run_metadata)
+    if int(state.step) < last_step:  # a finished run draws no batch at all
+      for _ in range(int(state.step) - first_step):
+        next(batches)  # replays the batch order up to the checkpoint
+
+  if mesh is None:
+    step_fn = jax.jit(make_train_step(model, probe, config), donate_argnums=0)
+    put_batch = lambda batch: batch
+  else:
+    step_fn = parallel.make_parallel_train_step(model, probe, config, mesh)
+    state, frozen_params = parallel.replicate((state, frozen_params), mesh)
+    put_batch = lambda batch: parallel.shard_batch(batch, mesh)
+
+  def save(state, history):
+    metadata = dict(run_metadata, step=int(state.step), history=history)
+    checkpoints.save(checkpoint_dir, jax.device_get(state), metadata)
+
+  num_states = state.running_steps.shape[0]
+  window: list[dict] = []
+  start = int(state.step)
+  bar = tqdm(total=num_steps, initial=start - first_step, desc=description,
+             disable=not progress, unit='step')
+  for step in range(start, last_step):
     try:
       batch = next(batches)
     except StopIteration:
-      raise ValueError(f'batches ran out after {offset} of {num_steps} steps') from None
-    state, metrics = step_fn(state, frozen_params, batch, jax.random.fold_in(key, first_step + offset))
+      raise ValueError(f'batches ran out after {step - first_step} of {num_steps} steps') from None
+    state, metrics = step_fn(state, frozen_params, put_batch(batch), jax.random.fold_in(key, step))
     window.append(metrics)
-    if len(window) == log_every or offset == num_steps - 1:
-      window = jax.device_get(window)
-      summary = _summarise(window, num_states)
-      summary['step'] = first_step + offset + 1
+    done = step + 1
+    checkpoint_now = checkpoint_dir is not None and (done % checkpoint_every == 0
+                                                     or done == last_step)
+    if done % log_every == 0 or done == last_step or checkpoint_now:
+      summary = _summarise(jax.device_get(window), num_states)
+      summary['step'] = done
       history.append(summary)
       bar.set_postfix(div=f"{summary['divergence']:.3f}", keep=f"{summary['keep_fraction']:.2f}",
                       agree=f"{summary['agreement']:.3f}")
       window = []
+    if checkpoint_now:
+      save(state, history)
     bar.update(1)
   bar.close()
+  if checkpoint_dir is not None and num_steps == 0 and not checkpoints.exists(checkpoint_dir):
+    save(state, history)
   return state, history
+
+
+def _key_fingerprint(key: jax.Array) -> list[int]:
+  """The raw bits of a PRNG key, to recognise the run a checkpoint belongs to."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return [int(bits) for bits in np.asarray(key).ravel()]
+
+
+def _jsonable_config(config: DiffMaskConfig) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _resume(checkpoint_dir, state: DiffMaskState, run_metadata: dict):
+  """The checkpointed state and history, after checking they belong to this run."""
+  from dmx import checkpoint as checkpoints  # pylint: disable=import-outside-toplevel
+  metadata = checkpoints.read_metadata(checkpoint_dir)
+  for name, expected in run_metadata.items():
+    if metadata.get(name) != expected:
+      if name == 'diffmask_config' and isinstance(metadata.get(name), dict):
+        differing = sorted(field for field in expected
+                           if metadata[name].get(field) != expected[field])
+        what = f'a different DiffMask config ({", ".join(differing)})'
+      else:
+        what = f'a different {name.replace("_", " ")}'
+      raise checkpoints.CheckpointError(
+          f'checkpoint {checkpoint_dir} belongs to another run ({what}); '
+          'delete it or choose another output folder')
+  restored = checkpoints.restore(checkpoint_dir, jax.device_get(state))
+  if int(restored.step) != metadata.get('step'):
+    raise checkpoints.CheckpointError(f'checkpoint {checkpoint_dir} is inconsistent: state at '
+                                      f'step {int(restored.step)}, metadata {metadata.get("step")}')
+  return jax.tree_util.tree_map(jnp.asarray, restored), list(metadata.get('history', []))
 
 
 def _summarise(window: list[dict], num_states: int) -> dict:

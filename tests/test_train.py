@@ -180,3 +180,20 @@ def test_layers_out_of_range_rejected():
   config = train.DiffMaskConfig(layers=(5,))
   with pytest.raises(ValueError, match='out of range'):
     train.init_state(config, {}, 3)
+
+
+@pytest.mark.parametrize('gate', ['input', 'hidden'])
+def test_cached_clean_pass_gives_the_same_step(toy_setup, gate):
+  model, frozen, batch = toy_setup
+  config = train.DiffMaskConfig(gate=gate, warmup_steps=0)
+  probe, state = _state(model, frozen, batch, config)
+  step = jax.jit(train.make_train_step(model, probe, config))
+  outputs, states = model.forward(frozen, batch)
+  cached = dict(batch, clean_outputs=outputs, clean_states=tuple(states))
+  plain_state, plain_metrics = step(state, frozen, batch, jax.random.key(4))
+  cached_state, cached_metrics = step(state, frozen, cached, jax.random.key(4))
+  for got, want in zip(jax.tree_util.tree_leaves((cached_state, cached_metrics)),
+                       jax.tree_util.tree_leaves((plain_state, plain_metrics))):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match='needs both'):
+    step(state, frozen, dict(batch, clean_outputs=outputs), jax.random.key(4))

@@ -32,6 +32,67 @@ def endless_batches(features, batch_size: int, seed: int) -> Iterator[dict]:
       yield features.take(indices).as_batch()
 
 
+def length_buckets(lengths: np.ndarray, batch_size: int, width: int,
+                   max_length: int) -> list[tuple[int, np.ndarray]]:
+  """Groups examples by length so a batch pads only to its own bucket's length.
+
+  An example of ``n`` real tokens goes to the bucket of length
+  ``min(ceil(n / width) * width, max_length)``; a bucket with fewer than
+  ``batch_size`` examples joins the next longer one (the last one joins the
+  one before), so every bucket fills at least one batch when the data does.
+
+  Args:
+    lengths: ``(N,)`` real tokens per example.
+    batch_size: examples per batch.
+    width: bucket granularity in tokens (one compilation per bucket length).
+    max_length: the padded length of the features; no bucket is longer.
+
+  Returns:
+    ``[(padded_length, example_indices), ...]``, shortest first.
+  """
+  if width < 1:
+    raise ValueError(f'bucket width must be >= 1, got {width}')
+  lengths = np.asarray(lengths)
+  padded = np.minimum(np.ceil(np.maximum(lengths, 1) / width).astype(int) * width, max_length)
+  buckets: list[tuple[int, np.ndarray]] = []
+  pending = np.zeros((0,), np.int64)
+  for length in np.unique(padded):
+    pending = np.concatenate([pending, np.flatnonzero(padded == length)])
+    if len(pending) >= batch_size:
+      buckets.append((int(length), pending))
+      pending = np.zeros((0,), np.int64)
+  if len(pending):
+    if buckets:
+      buckets[-1] = (int(padded[pending].max()), np.concatenate([buckets[-1][1], pending]))
+    else:
+      buckets.append((int(padded[pending].max()), pending))
+  return buckets
+
+
+def bucketed_batches(buckets: list[dict], batch_size: int, seed: int) -> Iterator[dict]:
+  """Batches drawn within buckets, reshuffled every pass, forever.
+
+  ``buckets`` are pytrees (dicts) of arrays whose leading axis is the example
+  axis and whose examples share one padded length (see :func:`length_buckets`).
+  Each pass permutes every bucket, cuts it into full batches (a remainder
+  waits for a later pass's permutation; a bucket smaller than a batch gives
+  one short batch) and visits the batches of all buckets in random order.
+  """
+  import jax  # pylint: disable=import-outside-toplevel  (the data readers stay numpy-only)
+  rng = np.random.default_rng(seed)
+  sizes = [len(jax.tree_util.tree_leaves(bucket)[0]) for bucket in buckets]
+  if not sizes or not any(sizes):
+    raise ValueError('no examples to batch')
+  while True:
+    plan = []
+    for bucket_index, size in enumerate(sizes):
+      for rows in batch_indices(size, batch_size, rng, drop_remainder=size >= batch_size):
+        plan.append((bucket_index, rows))
+    for order in rng.permutation(len(plan)):
+      bucket_index, rows = plan[order]
+      yield jax.tree_util.tree_map(lambda array, rows=rows: array[rows], buckets[bucket_index])
+
+
 def padded_batches(features, batch_size: int) -> Iterator[tuple[dict, int]]:
   """In-order model batches of exactly ``batch_size`` rows, and how many rows are real.
 

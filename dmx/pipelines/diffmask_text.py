@@ -43,10 +43,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from dmx import attribute, checkpoint, metrics, objective, probes, train, viz
 from dmx.data import squad as squad_data
-from dmx.data.common import endless_batches, padded_batches
+from dmx.data.common import bucketed_batches, length_buckets, padded_batches
 from dmx.data import sst as sst_data
 from dmx.models.bert import BertModel
 from dmx.models.hf_import import MissingHeadError, load_pretrained
@@ -88,6 +89,11 @@ class TextDiffMaskConfig:
     probe_form, probe_hidden_size: the probe (hidden size defaults to hidden / 4,
       the original's ``hidden_attention``).
     num_heatmap_examples: heatmaps drawn (one PNG each).
+    bucket_width: training batches hold sequences of similar length, padded to
+      a multiple of this many tokens (one compilation per bucket length).
+    clean_pass_cache_gb: compute the frozen model's clean pass over the training
+      set once and keep it in host memory when it needs at most this many GB
+      (0 never caches); the same numbers, fewer model passes per step.
     allow_random_head: accept a checkpoint without trained head weights (a random
       head, for smoke tests and timing only).
     dtype: the frozen model's compute dtype, ``'float32'`` or ``'bfloat16'``.
@@ -113,6 +119,8 @@ class TextDiffMaskConfig:
   probe_form: str = 'mlp'
   probe_hidden_size: int | None = None
   num_heatmap_examples: int = 4
+  bucket_width: int = 16
+  clean_pass_cache_gb: float = 6.0
   allow_random_head: bool = False
   dtype: str = 'float32'
   seed: int = 0
@@ -160,6 +168,11 @@ class TextDiffMaskConfig:
       raise ValueError(f'--probe-form must be one of {probes.VOTE_FORMS}, got {self.probe_form!r}')
     if self.probe_hidden_size is not None and self.probe_hidden_size < 1:
       raise ValueError(f'--probe-hidden-size must be >= 1, got {self.probe_hidden_size}')
+    if self.bucket_width < 1:
+      raise ValueError(f'--bucket-width must be >= 1, got {self.bucket_width}')
+    if not (self.clean_pass_cache_gb >= 0 and math.isfinite(self.clean_pass_cache_gb)):
+      raise ValueError(f'--clean-pass-cache-gb must be a finite number >= 0, '
+                       f'got {self.clean_pass_cache_gb}')
     if self.num_heatmap_examples < 0:
       raise ValueError(f'--num-heatmaps must be >= 0, got {self.num_heatmap_examples}')
     if self.dtype not in ('float32', 'bfloat16'):
@@ -250,6 +263,63 @@ def mask_token_baseline(params, tokenizer) -> jax.Array:
 def state_names(num_states: int) -> list[str]:
   """Display names of the depths: ``h0 words``, ``h1 embed``, ``h2 L1`` ... (bottom first)."""
   return ['h0 words', 'h1 embed'] + [f'h{k} L{k - 1}' for k in range(2, num_states)]
+
+
+def training_batches(config: TextDiffMaskConfig, model: BertModel, frozen_params, features,
+                     batch_size: int, log: Callable[[str], None] = print,
+                     progress: bool = True):
+  """Endless length-bucketed training batches, with the cached clean pass when it fits.
+
+  Sequences are grouped into buckets of similar length (``config.bucket_width``)
+  and each batch is cut to its bucket's length, so short sentences do not pay
+  for the longest one. When the clean pass over the whole training set fits in
+  ``config.clean_pass_cache_gb``, it is computed once here and every batch
+  carries it (``clean_outputs``, ``clean_states``; see :func:`dmx.train.clean_pass`).
+  """
+  buckets = length_buckets(features.mask.sum(axis=1), batch_size, config.bucket_width,
+                           features.mask.shape[1])
+  bucket_batches = []
+  for length, indices in buckets:
+    batch = features.take(indices).as_batch()
+    bucket_batches.append({name: value[:, :length] for name, value in batch.items()})
+  cache_bytes = sum(len(indices) * length * sum(model.state_dims) * 4
+                    for length, indices in buckets)
+  lengths = ', '.join(f'{length}: {len(indices)}' for length, indices in buckets)
+  log(f'training buckets (padded length: sequences) {lengths}')
+  if cache_bytes > config.clean_pass_cache_gb * 1e9:
+    log(f'clean pass not cached ({cache_bytes / 1e9:.1f} GB > --clean-pass-cache-gb '
+        f'{config.clean_pass_cache_gb}): computed in every step')
+    return bucketed_batches(bucket_batches, batch_size, config.seed)
+  log(f'caching the clean pass over the training set ({cache_bytes / 1e9:.2f} GB)')
+  forward = jax.jit(model.forward)
+  total = sum(len(indices) for _, indices in buckets)
+  with tqdm(total=total, desc='clean pass', disable=not progress, unit='seq') as bar:
+    for bucket in bucket_batches:
+      outputs, states = [], []
+      for chunk, count in padded_batches(_ArrayFeatures(bucket), batch_size):
+        chunk_outputs, chunk_states = jax.device_get(forward(frozen_params, chunk))
+        outputs.append(chunk_outputs[:count])
+        states.append([state[:count] for state in chunk_states])
+        bar.update(count)
+      bucket['clean_outputs'] = np.concatenate(outputs)
+      bucket['clean_states'] = tuple(np.concatenate(parts) for parts in zip(*states))
+  return bucketed_batches(bucket_batches, batch_size, config.seed)
+
+
+class _ArrayFeatures:
+  """A dict of ``(N, ...)`` arrays seen as features (``len``, ``take``, ``as_batch``)."""
+
+  def __init__(self, arrays: dict):
+    self.arrays = arrays
+
+  def __len__(self) -> int:
+    return len(next(iter(self.arrays.values())))
+
+  def take(self, indices) -> '_ArrayFeatures':
+    return _ArrayFeatures({name: value[indices] for name, value in self.arrays.items()})
+
+  def as_batch(self) -> dict:
+    return dict(self.arrays)
 
 
 # ---------------------------------------------------------------------------
@@ -513,7 +583,8 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
   hidden_size = config.probe_hidden_size or max(state_dims[0] // 4, 1)
   probe = probes.DiffMaskProbe(gate=config.gate, state_dims=state_dims, form=config.probe_form,
                                hidden_size=hidden_size)
-  batches = endless_batches(train_features, batch_size, config.seed)
+  batches = training_batches(config, model, frozen_params, train_features, batch_size, log,
+                             progress)
   probe_key, run_key = jax.random.split(jax.random.key(config.seed))
   # frozen parameters go in as arguments: closed over, jit would bake them in as constants
   init_probe = jax.jit(lambda frozen, key, batch: train.init_probe_params(key, model, probe, frozen,
@@ -525,7 +596,8 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
   train_started = time.time()
   state, history = train.fit(model, frozen_params, probe, dm_config, state, batches, config.steps,
                              run_key, progress=progress,
-                             description=f'diffmask {config.task} {config.gate}')
+                             description=f'diffmask {config.task} {config.gate}',
+                             log_every=min(500, max(config.steps // 20, 50)))
   jax.block_until_ready(state.params)
   train_seconds = time.time() - train_started
 
@@ -657,6 +729,10 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
   parser.add_argument('--max-eval-examples', type=int, default=defaults['max_eval_examples'],
                       help='evaluate on the first N sentences / questions')
   parser.add_argument('--num-heatmaps', type=int, default=4, help='heatmap figures to draw')
+  parser.add_argument('--bucket-width', type=int, default=16,
+                      help='training batches pad to a multiple of this many tokens')
+  parser.add_argument('--clean-pass-cache-gb', type=float, default=6.0,
+                      help='cache the clean pass over the training set when it fits (0: never)')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                       help='compute dtype of the frozen model')
   parser.add_argument('--allow-random-head', action='store_true',
@@ -676,6 +752,7 @@ def config_from_args(args: argparse.Namespace, task: str) -> TextDiffMaskConfig:
       warmup_steps=args.warmup_steps, probe_learning_rate=args.probe_learning_rate,
       baseline_learning_rate=args.baseline_learning_rate, sparsity=args.sparsity, probe_form=args.probe_form,
       probe_hidden_size=args.probe_hidden_size, num_heatmap_examples=args.num_heatmaps,
+      bucket_width=args.bucket_width, clean_pass_cache_gb=args.clean_pass_cache_gb,
       allow_random_head=args.allow_random_head, dtype=args.dtype, seed=args.seed)
 
 

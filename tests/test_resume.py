@@ -1,0 +1,193 @@
+"""Checkpoint and resume of DiffMask training (``dmx.train.fit(checkpoint_dir=...)``).
+
+A run killed mid-way and started again must end bit-for-bit where the
+uninterrupted run ends; a checkpoint of another run, or a damaged one, must
+stop with a clear error instead of starting afresh.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dmx import checkpoint, probes, train
+from dmx.data.toy import generate_toy_data
+from dmx.models.toy import ToyModel, ToyModelConfig
+
+NUM_STEPS = 20
+BATCH = 16
+
+
+class Killed(Exception):
+  """Stands for the process dying between two steps."""
+
+
+def toy_batches(seed: int, kill_at: int | None = None):
+  """A reproducible endless batch stream over 64 toy examples; raises ``Killed`` at batch ``kill_at``."""
+  batch = generate_toy_data(0, num_examples=64).as_batch()
+  rng = np.random.default_rng(seed)
+  count = 0
+  while True:
+    if kill_at is not None and count == kill_at:
+      raise Killed()
+    rows = rng.choice(64, BATCH, replace=False)
+    count += 1
+    yield {name: value[rows] for name, value in batch.items()}
+
+
+def setup(gate='hidden', **overrides):
+  model = ToyModel(ToyModelConfig.tiny())
+  frozen = model.init(jax.random.key(0))
+  config = train.DiffMaskConfig(gate=gate, warmup_steps=3, **overrides)
+  probe = probes.DiffMaskProbe(gate=gate, state_dims=model.state_dims, hidden_size=8)
+  first = next(toy_batches(0))
+  params = train.init_probe_params(jax.random.key(1), model, probe, frozen, first)
+  state = train.init_state(config, params, len(model.state_dims))
+  return model, frozen, probe, config, state
+
+
+def run(checkpoint_dir=None, kill_at=None, gate='hidden', key_seed=7, num_steps=NUM_STEPS,
+        **overrides):
+  model, frozen, probe, config, state = setup(gate, **overrides)
+  return train.fit(model, frozen, probe, config, state, toy_batches(0, kill_at), num_steps,
+                   jax.random.key(key_seed), progress=False, log_every=4,
+                   checkpoint_dir=checkpoint_dir, checkpoint_every=5)
+
+
+def assert_trees_identical(first, second):
+  first_leaves, first_tree = jax.tree_util.tree_flatten(jax.device_get(first))
+  second_leaves, second_tree = jax.tree_util.tree_flatten(jax.device_get(second))
+  assert first_tree == second_tree
+  for a, b in zip(first_leaves, second_leaves):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize('gate', ['input', 'hidden'])
+def test_killed_and_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, gate):
+  # the uninterrupted run checkpoints too, so both histories break at the same steps
+  reference_state, reference_history = run(tmp_path / 'uninterrupted', gate=gate)
+  folder = tmp_path / 'checkpoint'
+  with pytest.raises(Killed):
+    run(folder, kill_at=13, gate=gate)
+  assert int(checkpoint.read_metadata(folder)['step']) == 10  # last save before the kill
+  state, history = run(folder, gate=gate)
+  assert int(state.step) == NUM_STEPS
+  # the whole state: probe, baselines, both optimisers (Lookahead slow weights
+  # included), multipliers, running statistics, step
+  assert_trees_identical(state, reference_state)
+  assert [entry['step'] for entry in history] == [entry['step'] for entry in reference_history]
+  assert history == reference_history
+
+
+def test_finished_run_is_not_trained_again(tmp_path):
+  folder = tmp_path / 'checkpoint'
+  first, _ = run(folder)
+  # an endless stream that fails on first use: a finished run must not draw from it
+  again, history = run(folder, kill_at=0)
+  assert_trees_identical(first, again)
+  assert history[-1]['step'] == NUM_STEPS
+
+
+def test_process_killed_by_sigkill_resumes_bit_for_bit(tmp_path):
+  """A real kill -9 of the training process between two steps."""
+  folder = tmp_path / 'checkpoint'
+  script = textwrap.dedent(f'''
+      import os, signal, sys
+      sys.path.insert(0, {str(Path(__file__).parent)!r})
+      import test_resume as t
+      class Die(t.Killed):
+        pass
+      original = t.toy_batches
+      def dying(seed, kill_at=None):
+        for index, batch in enumerate(original(seed)):
+          if index == 13:
+            os.kill(os.getpid(), signal.SIGKILL)
+          yield batch
+      t.toy_batches = dying
+      t.run({str(folder)!r})
+  ''')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(Path(__file__).parents[1])] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  process = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                           text=True, timeout=300)
+  assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+  assert int(checkpoint.read_metadata(folder)['step']) == 10
+  resumed, _ = run(folder)
+  reference, _ = run()
+  assert_trees_identical(resumed, reference)
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+  folder = tmp_path / 'checkpoint'
+  with pytest.raises(Killed):
+    run(folder, kill_at=7)
+  with pytest.raises(checkpoint.CheckpointError, match=r'another run.*margin'):
+    run(folder, margin=0.5)
+
+
+def test_checkpoint_of_another_seed_or_length_is_refused(tmp_path):
+  folder = tmp_path / 'checkpoint'
+  with pytest.raises(Killed):
+    run(folder, kill_at=7)
+  with pytest.raises(checkpoint.CheckpointError, match='different key'):
+    run(folder, key_seed=8)
+  with pytest.raises(checkpoint.CheckpointError, match='different last step'):
+    run(folder, num_steps=30)
+
+
+def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+  folder = tmp_path / 'checkpoint'
+  with pytest.raises(Killed):
+    run(folder, kill_at=7)
+  (folder / 'metadata.json').write_text('{not json')
+  with pytest.raises(checkpoint.CheckpointError, match='corrupt'):
+    run(folder)
+  (folder / 'metadata.json').unlink()
+  with pytest.raises(checkpoint.CheckpointError, match='missing metadata'):
+    run(folder)
+
+
+def test_damaged_state_files_are_an_error(tmp_path):
+  folder = tmp_path / 'checkpoint'
+  with pytest.raises(Killed):
+    run(folder, kill_at=7)
+  shutil.rmtree(folder / 'state')
+  with pytest.raises(checkpoint.CheckpointError, match='cannot restore'):
+    run(folder)
+
+
+def test_save_interrupted_between_renames_keeps_last_good_checkpoint(tmp_path):
+  folder = tmp_path / 'checkpoint'
+  with pytest.raises(Killed):
+    run(folder, kill_at=13)
+  # what a save that died after moving the good checkpoint aside leaves behind
+  folder.rename(tmp_path / 'checkpoint.previous')
+  (tmp_path / 'checkpoint.saving').mkdir()
+  state, _ = run(folder)
+  reference, _ = run()
+  assert_trees_identical(state, reference)
+
+
+def test_resume_onto_a_one_device_mesh(tmp_path):
+  """The checkpoint restores onto the current mesh (here the one CPU device)."""
+  from dmx import parallel
+  folder = tmp_path / 'checkpoint'
+  with pytest.raises(Killed):
+    run(folder, kill_at=13)
+  model, frozen, probe, config, state = setup()
+  resumed, _ = train.fit(model, frozen, probe, config, state, toy_batches(0), NUM_STEPS,
+                         jax.random.key(7), progress=False, log_every=4, checkpoint_dir=folder,
+                         checkpoint_every=5, mesh=parallel.data_mesh(jax.devices()[:1]))
+  reference, _ = run()
+  leaves = jax.tree_util.tree_leaves(resumed)
+  np.testing.assert_allclose(np.asarray(resumed.lagrange_multipliers),
+                             np.asarray(reference.lagrange_multipliers), rtol=1e-5, atol=1e-6)
+  for got, want in zip(leaves, jax.tree_util.tree_leaves(reference)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
