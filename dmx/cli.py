@@ -7,8 +7,10 @@ fine-tunes a BERT-family classifier on SST-5 (:mod:`dmx.pipelines.finetune`);
 and evaluates DiffMask probes on a frozen fine-tuned model
 (:mod:`dmx.pipelines.diffmask_text`); ``dmx explain --probe DIR "a sentence"``
 prints and plots one sentence's keep probabilities with a trained probe
-(:mod:`dmx.pipelines.explain`). Bad arguments end with a one-line error
-and exit code 2, never a traceback.
+(:mod:`dmx.pipelines.explain`); ``dmx bench step --impl jax|torch`` times one
+DiffMask training step and ``dmx bench attribution`` amortised attribution
+against integrated gradients, each printing one JSON line (:mod:`dmx.bench`).
+Bad arguments end with a one-line error and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -127,6 +129,69 @@ def _run_explain(args) -> int:
     raise UsageError(str(error)) from None
 
 
+def _add_bench_parser(subparsers) -> None:
+  from dmx import bench  # torch stays unimported until --impl torch runs
+  sizes, impls, gates, dtypes = bench.SIZES, bench.IMPLS, bench.GATES, bench.DTYPES
+  parser = subparsers.add_parser('bench', help='speed benchmarks; each prints one JSON line')
+  kinds = parser.add_subparsers(dest='kind', required=True)
+  step = kinds.add_parser(
+      'step', help='time one DiffMask training step (dmx or PyTorch)',
+      description='Time one DiffMask training step on a random-init BERT classifier: dmx\'s '
+      'jitted step (--impl jax) or a PyTorch step written as the original code (--impl torch: '
+      'transformers BERT, hooks, whole model re-run). Timed steps cycle through every depth. '
+      'Prints one JSON line with examples_per_s and peak_memory_mb.')
+  step.add_argument('--impl', choices=impls, required=True)
+  step.add_argument('--size', choices=sizes, default='tiny',
+                    help='tiny (2 layers, 32 wide), minilm (MiniLM-L6-H384) or base (BERT-base)')
+  step.add_argument('--batch', type=int, default=32)
+  step.add_argument('--seq', type=int, default=64)
+  step.add_argument('--gate', choices=gates, default='hidden')
+  step.add_argument('--steps', type=int, default=None,
+                    help='timed steps (default: one per depth, L + 2)')
+  step.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
+  step.add_argument('--dtype', choices=dtypes, default='float32')
+  step.add_argument('--layer', type=int, default=None,
+                    help='time this depth only (default: cycle through all depths)')
+  step.add_argument('--threads', type=int, default=None,
+                    help='torch.set_num_threads for --impl torch (default: all cores)')
+  attribution = kinds.add_parser(
+      'attribution', help='amortised DiffMask attribution vs integrated gradients',
+      description='Examples/s of DiffMask attribution (one clean pass + probe: keep '
+      'probabilities at every depth) against integrated gradients of the predicted logit '
+      'w.r.t. the word embeddings, on the same random-init dmx BERT. Prints one JSON line.')
+  attribution.add_argument('--size', choices=sizes, default='tiny')
+  attribution.add_argument('--batch', type=int, default=32)
+  attribution.add_argument('--seq', type=int, default=64)
+  attribution.add_argument('--ig-steps', type=int, default=50, help='integrated-gradients steps')
+  attribution.add_argument('--ig-batch', type=int, default=None,
+                           help='examples per integrated-gradients call (default: --batch)')
+  attribution.add_argument('--path-batch-size', type=int, default=10,
+                           help='path points vectorised together')
+  attribution.add_argument('--repeats', type=int, default=3, help='timed DiffMask calls')
+  attribution.add_argument('--ig-repeats', type=int, default=1,
+                           help='timed integrated-gradients calls')
+  attribution.add_argument('--warmup', type=int, default=1, help='untimed DiffMask calls')
+  attribution.add_argument('--dtype', choices=dtypes, default='float32')
+
+
+def _run_bench(args) -> int:
+  import json
+  from dmx import bench
+  try:
+    if args.kind == 'step':
+      result = bench.time_step(args.impl, args.size, args.batch, args.seq, args.gate, args.steps,
+                               args.warmup, args.dtype, args.layer, args.threads)
+    else:
+      result = bench.time_attribution(
+          args.size, args.batch, args.seq, args.ig_steps, ig_batch=args.ig_batch,
+          path_batch_size=args.path_batch_size, repeats=args.repeats,
+          ig_repeats=args.ig_repeats, warmup=args.warmup, dtype=args.dtype)
+  except (ValueError, bench.MissingTorchError) as error:
+    raise UsageError(str(error)) from None
+  print(json.dumps(result), flush=True)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='dmx', description='Differentiable Masking in JAX.')
   subparsers = parser.add_subparsers(dest='command', required=True)
@@ -134,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_finetune_parser(subparsers)
   _add_diffmask_parser(subparsers)
   _add_explain_parser(subparsers)
+  _add_bench_parser(subparsers)
   return parser
 
 
@@ -141,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   commands = {'toy': _run_toy, 'finetune': _run_finetune, 'diffmask': _run_diffmask,
-              'explain': _run_explain}
+              'explain': _run_explain, 'bench': _run_bench}
   try:
     return commands[args.command](args)
   except UsageError as error:
