@@ -9,7 +9,9 @@ and evaluates DiffMask probes on a frozen fine-tuned model
 prints and plots one sentence's keep probabilities with a trained probe
 (:mod:`dmx.pipelines.explain`); ``dmx bench step --impl jax|torch`` times one
 DiffMask training step and ``dmx bench attribution`` amortised attribution
-against integrated gradients, each printing one JSON line (:mod:`dmx.bench`).
+against integrated gradients, each printing one JSON line (:mod:`dmx.bench`);
+``dmx sweep toy --seeds 0 1 2 3 4`` trains K probes in one program
+(:mod:`dmx.pipelines.sweep`).
 Bad arguments end with a one-line error and exit code 2, never a traceback.
 """
 
@@ -192,6 +194,28 @@ def _run_bench(args) -> int:
   return 0
 
 
+def _add_sweep_parser(subparsers) -> None:
+  from dmx.pipelines import sweep
+  parser = subparsers.add_parser('sweep', help='K probes that differ in seed, in one program')
+  tasks = parser.add_subparsers(dest='task', required=True)
+  sweep.add_arguments(tasks.add_parser(
+      'toy', help='the toy task', description='Train K DiffMask probes on the toy classifier '
+      'in one vmapped program; report the spread of attributions across seeds and the cost '
+      'against K separate runs (report.json).'))
+
+
+def _run_sweep(args) -> int:
+  from dmx.pipelines import sweep
+  out = _writable_dir(args.out)
+  try:
+    config = sweep.config_from_args(args)
+  except ValueError as error:
+    raise UsageError(str(error)) from None
+  sweep.run_toy_sweep(config, out, progress=not args.no_progress)
+  print(f'wrote {out / "report.json"}')
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='dmx', description='Differentiable Masking in JAX.')
   subparsers = parser.add_subparsers(dest='command', required=True)
@@ -200,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_diffmask_parser(subparsers)
   _add_explain_parser(subparsers)
   _add_bench_parser(subparsers)
+  _add_sweep_parser(subparsers)
   return parser
 
 
@@ -207,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   commands = {'toy': _run_toy, 'finetune': _run_finetune, 'diffmask': _run_diffmask,
-              'explain': _run_explain, 'bench': _run_bench}
+              'explain': _run_explain, 'bench': _run_bench,
+              'sweep': _run_sweep}
   try:
     return commands[args.command](args)
   except UsageError as error:

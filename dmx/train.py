@@ -250,7 +250,7 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
                     axis_name: str | None = None, num_shards: int = 1
                     ) -> Callable[[DiffMaskState, Any, dict, jax.Array],
                                   tuple[DiffMaskState, dict]]:
-  """Builds the pure step ``(state, frozen_params, batch, key) -> (state, metrics)``.
+  """Builds the pure step ``(state, frozen_params, batch, key[, margin]) -> (state, metrics)``.
 
   One sample of the depth and of the gates serves both the probe update and
   the multiplier update. ``batch['mask']`` ``(batch, seq)`` marks real tokens;
@@ -258,6 +258,9 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
   ``metrics`` holds scalars: ``layer_index``, ``loss``, ``divergence``,
   ``sparsity``, ``keep_fraction`` (mean P(z != 0)), ``open_fraction`` (sampled
   gates > 0), ``agreement`` and ``multiplier``.
+
+  ``margin`` (a traced scalar) replaces ``config.margin``; :mod:`dmx.sweep`
+  uses it to train members with different margins in one program.
 
   With ``axis_name`` the step runs inside ``shard_map`` over ``num_shards``
   shards of the batch (see :mod:`dmx.parallel`): the depth comes from the
@@ -272,7 +275,10 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
   def mean_over_shards(tree):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
-  def train_step(state: DiffMaskState, frozen_params, batch: dict, key: jax.Array):
+  def train_step(state: DiffMaskState, frozen_params, batch: dict, key: jax.Array,
+                 margin: jax.Array | float | None = None):
+    # a sweep passes the margin in, so members with different margins share one program
+    margin = config.margin if margin is None else margin
     layer_key, gate_key = jax.random.split(key)
     outputs, states = clean_pass(model, frozen_params, batch)
     layer_index = jax.random.categorical(layer_key, layer_logits(state, config))
@@ -293,7 +299,7 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
                                    baselines, layer_index)
       divergence = objective.output_divergence(config.divergence, outputs, masked_outputs)
       sparsity = objective.sparsity_loss(config.sparsity, log_keep, mask)
-      loss = objective.lagrangian(multipliers[layer_index], divergence, config.margin, sparsity)
+      loss = objective.lagrangian(multipliers[layer_index], divergence, margin, sparsity)
       aux = dict(divergence=divergence.mean(), sparsity=sparsity.mean(),
                  keep_fraction=objective.masked_mean(jnp.exp(log_keep), mask).mean(),
                  open_fraction=objective.masked_mean((gates > 0).astype(jnp.float32), mask).mean(),

@@ -1,0 +1,199 @@
+"""``dmx sweep toy``: K DiffMask probes on the toy task in one program, and what it saves.
+
+1. generate the toy data and train (or reuse) the toy classifier exactly as
+   ``dmx toy`` does (same seed, same checkpoint folder layout),
+2. for each gate, train K probes that differ in seed (and optionally margin)
+   with :func:`dmx.sweep.fit_sweep`: one compiled, ``vmap``-ed step,
+3. unless ``--no-separate``, train the same K probes one after another with
+   :func:`dmx.train.fit` on the same batches and key streams, to measure the
+   cost of K separate runs and to check that each sweep member trains like
+   its separate run,
+4. write ``report.json``: the spread of attributions across seeds (std over
+   members of each token's keep probability, mean over validation tokens,
+   the paper's stability number), per-member D_KL / D_JS against the ground
+   truth at the feed-forward state, and the wall time of both ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from dmx import metrics, probes, sweep, train
+from dmx.data.common import endless_batches
+from dmx.data.toy import generate_toy_data, ground_truth_attribution, split_toy_data
+from dmx.models.toy import STATE_NAMES, accuracy
+from dmx.pipelines import toy as toy_pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class ToySweepConfig:
+  """What ``dmx sweep toy`` runs.
+
+  Attributes:
+    toy: the toy experiment whose classifier the probes explain.
+    seeds: one member per seed.
+    margins: optional margin per member (``None``: the toy margin for all).
+    gates: the gate types to sweep.
+    steps: DiffMask steps per member (``None``: ``toy.diffmask_steps``).
+    separate: also train the members one by one, for the cost comparison.
+    data_seed: seeds the shared batch order.
+  """
+  toy: toy_pipeline.ToyExperimentConfig = toy_pipeline.ToyExperimentConfig()
+  seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+  margins: tuple[float, ...] | None = None
+  gates: tuple[str, ...] = ('input', 'hidden')
+  steps: int | None = None
+  separate: bool = True
+  data_seed: int = 1
+
+  def __post_init__(self):
+    if len(self.seeds) < 2:
+      raise ValueError(f'a sweep needs at least 2 seeds, got {list(self.seeds)}')
+    if len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f'seeds must be distinct, got {list(self.seeds)}')
+    if self.margins is not None:
+      if len(self.margins) != len(self.seeds):
+        raise ValueError(f'{len(self.margins)} margins for {len(self.seeds)} seeds: give one each')
+      if any(not margin >= 0 for margin in self.margins):
+        raise ValueError(f'margins must be >= 0, got {list(self.margins)}')
+    if not self.gates or any(gate not in probes.GATES for gate in self.gates):
+      raise ValueError(f'gates must be among {probes.GATES}, got {list(self.gates)}')
+    if self.steps is not None and self.steps < 1:
+      raise ValueError(f'steps must be >= 1, got {self.steps}')
+
+  @property
+  def num_steps(self) -> int:
+    return self.toy.diffmask_steps if self.steps is None else self.steps
+
+
+def run_toy_sweep(config: ToySweepConfig, out_dir: str | Path, *, progress: bool = True,
+                  log: Callable[[str], None] = print) -> dict:
+  """Runs the sweep for every gate in ``config.gates``; writes and returns ``report.json``."""
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  toy = config.toy
+  data = generate_toy_data(toy.seed, toy.num_examples, toy.max_length)
+  train_data, validation = split_toy_data(data, toy.validation_fraction)
+  model, frozen_params, _ = toy_pipeline.load_or_train_model(toy, train_data,
+                                                             out_dir / 'toy_model', progress, log)
+  log(f'toy model validation accuracy: {accuracy(model, frozen_params, validation):.4f}')
+  reference = ground_truth_attribution(validation)
+  val_batch = validation.as_batch()
+  seeds = list(config.seeds)
+  report = {'task': 'toy', 'seeds': seeds,
+            'margins': None if config.margins is None else list(config.margins),
+            'steps': config.num_steps, 'devices': [str(device) for device in jax.devices()],
+            'gates': {}}
+  for gate in config.gates:
+    dm_config = toy_pipeline.toy_diffmask_config(gate, toy.sparsity)
+    probe = probes.DiffMaskProbe(gate=gate, state_dims=model.state_dims, form=toy.probe_form,
+                                 hidden_size=toy.probe_hidden_size)
+    batches = lambda: endless_batches(train_data, toy.diffmask_batch_size, config.data_seed)
+    first_batch = next(batches())
+
+    started = time.perf_counter()
+    states = sweep.init_sweep(model, frozen_params, probe, dm_config, first_batch, seeds)
+    states, _ = sweep.fit_sweep(model, frozen_params, probe, dm_config, states, batches(),
+                                config.num_steps, seeds, margins=config.margins,
+                                progress=progress, description=f'sweep {gate} x{len(seeds)}')
+    jax.block_until_ready(states)
+    sweep_seconds = time.perf_counter() - started
+    keep_probs = sweep.sweep_keep_probs(model, frozen_params, probe, dm_config, states, val_batch)
+    spread = sweep.attribution_spread(keep_probs, validation.mask)
+    members = [_member_scores(reference, keep_probs[index], validation.mask, seed)
+               for index, seed in enumerate(seeds)]
+    gate_report = dict(
+        std_of_attributions=spread['std'],
+        std_per_state=dict(zip(STATE_NAMES, spread['std_per_state'])),
+        members=members, sweep_seconds=sweep_seconds)
+
+    if config.separate:
+      started = time.perf_counter()
+      separate_keep = []
+      for index, seed in enumerate(seeds):
+        member_config = dm_config if config.margins is None else dataclasses.replace(
+            dm_config, margin=float(config.margins[index]))
+        probe_key, run_key = sweep.member_keys(seed)
+        params = train.init_probe_params(probe_key, model, probe, frozen_params, first_batch)
+        state = train.init_state(member_config, params, len(model.state_dims))
+        state, _ = train.fit(model, frozen_params, probe, member_config, state, batches(),
+                             config.num_steps, run_key, progress=progress,
+                             description=f'separate {gate} seed {seed}')
+        jax.block_until_ready(state)
+        single = jax.tree_util.tree_map(lambda leaf: leaf[None], state)
+        separate_keep.append(sweep.sweep_keep_probs(model, frozen_params, probe, dm_config,
+                                                    single, val_batch)[0])
+      separate_seconds = time.perf_counter() - started
+      difference = np.abs(np.stack(separate_keep) - keep_probs)
+      gate_report.update(
+          separate_seconds=separate_seconds,
+          sweep_cost_relative_to_separate=sweep_seconds / separate_seconds,
+          max_keep_prob_difference_sweep_vs_separate=float(difference.max()),
+          mean_keep_prob_difference_sweep_vs_separate=float(difference.mean()))
+    report['gates'][gate] = gate_report
+    log(format_gate(gate, gate_report, len(seeds)))
+  (out_dir / 'report.json').write_text(json.dumps(report, indent=2))
+  return report
+
+
+def _member_scores(reference: np.ndarray, keep_prob: np.ndarray, mask: np.ndarray,
+                   seed: int) -> dict:
+  """D_KL / D_JS of one member's feed-forward attribution against the ground truth."""
+  scores = metrics.attribution_divergences(reference, keep_prob[toy_pipeline.FEEDFORWARD_STATE],
+                                           mask)
+  return dict(seed=seed, kl=scores['kl'], js=scores['js'],
+              mean_keep_prob=float(keep_prob[:, mask.astype(bool)].mean()))
+
+
+def format_gate(gate: str, report: dict, num_members: int) -> str:
+  """A few lines per gate: spread, per-member scores, the cost of both ways."""
+  lines = [f'{gate} gates, {num_members} seeds: std of attributions across seeds '
+           f'{report["std_of_attributions"]:.4f} (per state: ' +
+           ', '.join(f'{name} {value:.4f}' for name, value in report['std_per_state'].items()) +
+           ')']
+  lines += [f'  seed {m["seed"]}: D_KL {m["kl"]:.4f}  D_JS {m["js"]:.4f}' for m in
+            report['members']]
+  lines.append(f'  one program: {report["sweep_seconds"]:.1f} s')
+  if 'separate_seconds' in report:
+    lines.append(f'  {num_members} separate runs: {report["separate_seconds"]:.1f} s '
+                 f'(sweep costs {report["sweep_cost_relative_to_separate"]:.2f}x; largest '
+                 f'keep-probability difference member vs its separate run '
+                 f'{report["max_keep_prob_difference_sweep_vs_separate"]:.2e})')
+  return '\n'.join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The options of ``dmx sweep toy``."""
+  defaults = ToySweepConfig()
+  parser.add_argument('--out', required=True, help='output folder (created if missing)')
+  parser.add_argument('--seeds', type=int, nargs='+', default=list(defaults.seeds),
+                      help='one probe per seed (default 0 1 2 3 4)')
+  parser.add_argument('--margins', type=float, nargs='+', default=None,
+                      help='one margin per seed (default: the toy margin 0.05 for all)')
+  parser.add_argument('--gate', choices=probes.GATES + ('both',), default='both')
+  parser.add_argument('--steps', type=int, default=None,
+                      help=f'DiffMask steps per member (default {defaults.toy.diffmask_steps})')
+  parser.add_argument('--toy-seed', type=int, default=defaults.toy.seed,
+                      help='seed of the toy data and classifier (as dmx toy --seed)')
+  parser.add_argument('--no-separate', action='store_true',
+                      help='skip the K separate runs (no cost comparison)')
+  parser.add_argument('--tiny', action='store_true', help='a seconds-long smoke run')
+  parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
+
+
+def config_from_args(args: argparse.Namespace) -> ToySweepConfig:
+  """The sweep's config from parsed options; ValueError on bad values."""
+  toy_config = (toy_pipeline.ToyExperimentConfig.tiny(seed=args.toy_seed) if args.tiny
+                else toy_pipeline.ToyExperimentConfig(seed=args.toy_seed))
+  gates: Sequence[str] = probes.GATES if args.gate == 'both' else (args.gate,)
+  return ToySweepConfig(toy=toy_config, seeds=tuple(args.seeds),
+                        margins=None if args.margins is None else tuple(args.margins),
+                        gates=tuple(gates), steps=args.steps, separate=not args.no_separate)

@@ -1,0 +1,121 @@
+"""Sweeps: K probes in one vmapped program train exactly like K separate runs."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from dmx import probes, sweep, train
+from dmx.cli import main
+from dmx.data.common import endless_batches
+from dmx.data.toy import generate_toy_data
+from dmx.models.toy import ToyModel, ToyModelConfig
+
+SEEDS = (3, 5)
+STEPS = 6
+
+
+@pytest.fixture(scope='module')
+def toy():
+  model = ToyModel(ToyModelConfig.tiny())
+  frozen = model.init(jax.random.key(0))
+  data = generate_toy_data(0, num_examples=64)
+  return model, frozen, data
+
+
+def batches(data):
+  return endless_batches(data, 16, seed=2)
+
+
+def separate_run(model, frozen, probe, config, data, seed):
+  probe_key, run_key = sweep.member_keys(seed)
+  params = train.init_probe_params(probe_key, model, probe, frozen, next(batches(data)))
+  state = train.init_state(config, params, len(model.state_dims))
+  state, _ = train.fit(model, frozen, probe, config, state, batches(data), STEPS, run_key,
+                       progress=False)
+  return state
+
+
+@pytest.mark.parametrize('gate', ['input', 'hidden'])
+def test_each_member_trains_like_its_separate_run(toy, gate):
+  model, frozen, data = toy
+  config = train.DiffMaskConfig(gate=gate, warmup_steps=2, probe_learning_rate=1e-2)
+  probe = probes.DiffMaskProbe(gate=gate, state_dims=model.state_dims, hidden_size=8)
+  states = sweep.init_sweep(model, frozen, probe, config, next(batches(data)), SEEDS)
+  assert states.step.shape == (len(SEEDS),)
+  states, last_metrics = sweep.fit_sweep(model, frozen, probe, config, states, batches(data),
+                                         STEPS, SEEDS, progress=False)
+  assert last_metrics['loss'].shape == (len(SEEDS),)
+  for index, seed in enumerate(SEEDS):
+    expected = separate_run(model, frozen, probe, config, data, seed)
+    for got, want in zip(jax.tree_util.tree_leaves(sweep.member(states, index)),
+                         jax.tree_util.tree_leaves(expected)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  # the members really differ (different seeds), so the equality above is not trivial
+  first, second = (jax.tree_util.tree_leaves(sweep.member(states, k).params.fast)[0]
+                   for k in range(2))
+  assert np.abs(np.asarray(first) - np.asarray(second)).max() > 1e-3
+
+
+def test_members_with_their_own_margin(toy):
+  model, frozen, data = toy
+  config = train.DiffMaskConfig(gate='hidden', warmup_steps=2, probe_learning_rate=1e-2)
+  probe = probes.DiffMaskProbe(gate='hidden', state_dims=model.state_dims, hidden_size=8)
+  margins = (0.0, 0.5)
+  states = sweep.init_sweep(model, frozen, probe, config, next(batches(data)), SEEDS)
+  states, _ = sweep.fit_sweep(model, frozen, probe, config, states, batches(data), STEPS, SEEDS,
+                              margins=margins, progress=False)
+  for index, (seed, margin) in enumerate(zip(SEEDS, margins)):
+    expected = separate_run(model, frozen, probe, dataclasses.replace(config, margin=margin),
+                            data, seed)
+    np.testing.assert_allclose(np.asarray(states.multipliers.fast[index]),
+                               np.asarray(expected.multipliers.fast), rtol=1e-5, atol=1e-6)
+
+
+def test_attribution_spread_is_the_mean_std_over_real_tokens():
+  keep = np.array([[[[0.0, 1.0, 0.3]]], [[[1.0, 1.0, 0.9]]]])  # (K=2, states=1, batch=1, seq=3)
+  mask = np.array([[1, 1, 0]])
+  spread = sweep.attribution_spread(keep, mask)
+  assert spread['std_per_state'] == [pytest.approx((0.5 + 0.0) / 2)]
+  assert spread['std'] == pytest.approx(0.25)
+  with pytest.raises(ValueError, match='two members'):
+    sweep.attribution_spread(keep[:1], mask)
+
+
+def test_sweep_errors(toy):
+  model, frozen, data = toy
+  config = train.DiffMaskConfig(gate='hidden')
+  probe = probes.DiffMaskProbe(gate='hidden', state_dims=model.state_dims, hidden_size=8)
+  with pytest.raises(ValueError, match='distinct'):
+    sweep.init_sweep(model, frozen, probe, config, next(batches(data)), (1, 1))
+  with pytest.raises(ValueError, match='margins'):
+    sweep.make_sweep_step(model, probe, config, margins=(-1.0, 0.1))
+
+
+def test_cli_sweep_toy_writes_the_report(tmp_path, capsys):
+  out = tmp_path / 'sweep'
+  code = main(['sweep', 'toy', '--tiny', '--seeds', '0', '1', '--steps', '4', '--gate', 'hidden',
+               '--out', str(out), '--no-progress'])
+  assert code == 0
+  report = json.loads((out / 'report.json').read_text())
+  hidden = report['gates']['hidden']
+  assert report['seeds'] == [0, 1] and len(hidden['members']) == 2
+  assert 0 <= hidden['std_of_attributions'] <= 0.5
+  assert hidden['sweep_seconds'] > 0 and hidden['separate_seconds'] > 0
+  assert hidden['max_keep_prob_difference_sweep_vs_separate'] < 1e-4
+  assert 'std of attributions' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--seeds', '1'], 'at least 2 seeds'),
+    (['--seeds', '1', '1'], 'distinct'),
+    (['--seeds', '0', '1', '--margins', '0.1'], '1 margins for 2 seeds'),
+    (['--steps', '0'], 'steps must be >= 1'),
+])
+def test_cli_sweep_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
+  code = main(['sweep', 'toy', '--tiny', '--out', str(tmp_path / 'out'), *argv])
+  assert code == 2
+  error = capsys.readouterr().err.strip()
+  assert message in error and '\n' not in error
