@@ -105,11 +105,12 @@ def _add_diffmask_parser(subparsers) -> None:
 
 
 def _run_diffmask(args) -> int:
+  from dmx.checkpoint import CheckpointError
   from dmx.pipelines import diffmask_text
   _writable_dir(args.out)
   try:
     diffmask_text.run_from_args(args, args.task)
-  except ValueError as error:
+  except (ValueError, CheckpointError) as error:
     raise UsageError(str(error)) from None
   print(f'wrote {Path(args.out) / "report.json"}')
   return 0

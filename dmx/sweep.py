@@ -15,7 +15,6 @@ program over K runs is smaller than on the toy model.
 
 from __future__ import annotations
 
-import time
 from typing import Iterator, Sequence
 
 import flax.linen as nn
@@ -131,10 +130,3 @@ def attribution_spread(keep_probs: np.ndarray, mask: np.ndarray) -> dict:
   spread = keep_probs.std(axis=0)  # (num_states, batch, seq), population std as numpy's default
   per_state = [float(spread[k][real].mean()) for k in range(spread.shape[0])]
   return dict(std_per_state=per_state, std=float(np.mean(per_state)))
-
-
-def time_call(function, *args) -> tuple[object, float]:
-  """``(result, seconds)`` of one call, waiting for every array in the result."""
-  started = time.perf_counter()
-  result = jax.block_until_ready(function(*args))
-  return result, time.perf_counter() - started

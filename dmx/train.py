@@ -340,7 +340,8 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
         state: DiffMaskState, batches: Iterator[dict], num_steps: int, key: jax.Array, *,
         progress: bool = True, description: str = 'diffmask', log_every: int = 500,
         mesh=None, checkpoint_dir: str | os.PathLike | None = None,
-        checkpoint_every: int = 1000) -> tuple[DiffMaskState, list[dict]]:
+        checkpoint_every: int = 1000,
+        run_info: dict | None = None) -> tuple[DiffMaskState, list[dict]]:
   """Trains until ``state.step`` has advanced by ``num_steps``, with a progress bar.
 
   The key of step ``t`` is ``fold_in(key, t)``, so a run is reproducible from
@@ -358,6 +359,8 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
       checkpoint of this run (same config, key and target step count), training
       resumes from it: the first ``checkpoint step - state.step`` batches are
       skipped, and the result is bit-for-bit the uninterrupted run's.
+    run_info: JSON-able facts outside ``config`` that a resumed run must share
+      (data, batch size, model path); a checkpoint with other facts is refused.
 
   Returns:
     The final state and the history.
@@ -375,7 +378,8 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
   first_step = int(state.step)
   last_step = first_step + num_steps
   run_metadata = dict(diffmask_config=_jsonable_config(config), first_step=first_step,
-                      last_step=last_step, key=_key_fingerprint(key))
+                      last_step=last_step, key=_key_fingerprint(key),
+                      run_info=json.loads(json.dumps(run_info or {})))
   history: list[dict] = []
   if checkpoint_dir is not None and checkpoints.exists(checkpoint_dir):
     state, history = _resume(checkpoint_dir, state, run_metadata)
@@ -443,10 +447,12 @@ def _resume(checkpoint_dir, state: DiffMaskState, run_metadata: dict):
   metadata = checkpoints.read_metadata(checkpoint_dir)
   for name, expected in run_metadata.items():
     if metadata.get(name) != expected:
-      if name == 'diffmask_config' and isinstance(metadata.get(name), dict):
+      if name in ('diffmask_config', 'run_info') and isinstance(metadata.get(name), dict):
         differing = sorted(field for field in expected
                            if metadata[name].get(field) != expected[field])
-        what = f'a different DiffMask config ({", ".join(differing)})'
+        differing += sorted(set(metadata[name]) - set(expected))
+        label = 'DiffMask config' if name == 'diffmask_config' else 'run'
+        what = f'a different {label} ({", ".join(differing)})'
       else:
         what = f'a different {name.replace("_", " ")}'
       raise checkpoints.CheckpointError(

@@ -158,3 +158,26 @@ def test_bad_input_errors(sst_model_folder, qa_model_folder, tmp_path, minilm_to
     run('squad', ['--model', str(qa_model_folder), '--out', str(out), '--max-length', '96',
                   '--data', str(SHARED_DATA)])
   assert not (out / 'report.json').exists()
+
+
+def test_rerun_resumes_from_the_train_checkpoint_and_refuses_other_settings(
+    sst_model_folder, tmp_path, capsys):
+  from dmx.cli import main  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'run'
+  argv = ['diffmask', 'sst'] + sst_args(sst_model_folder, out, gate='hidden',
+                                        **{'--steps': '4', '--checkpoint-every': '2'})
+  assert main(argv) == 0
+  first = json.loads((out / 'report.json').read_text())
+  saved = checkpoint.read_metadata(out / diffmask_text.TRAIN_CHECKPOINT)
+  assert saved['step'] == 4
+  # the same command again: restored at the last step, nothing retrained, same numbers
+  assert main(argv) == 0
+  again = json.loads((out / 'report.json').read_text())
+  assert again['per_layer'] == first['per_layer']
+  # the same folder with another batch size: a one-line refusal, not a silent fresh start
+  other = ['diffmask', 'sst'] + sst_args(sst_model_folder, out, gate='hidden',
+                                         **{'--steps': '4', '--batch-size': '4'})
+  capsys.readouterr()
+  assert main(other) == 2
+  error = capsys.readouterr().err.strip()
+  assert 'belongs to another run' in error and 'batch_size' in error and '\n' not in error

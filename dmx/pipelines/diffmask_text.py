@@ -66,6 +66,7 @@ EVAL_SPLITS = {'sst': ('dev', 'test'), 'squad': ('dev',)}
 TRAIN_SPLITS = {'sst': ('train', 'dev', 'test'), 'squad': ('train', 'dev')}
 REPORT_FILE = 'report.json'
 KEEP_PROB_FILE = 'keep_prob.npz'
+TRAIN_CHECKPOINT = 'train_checkpoint'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,8 @@ class TextDiffMaskConfig:
     num_heatmap_examples: heatmaps drawn (one PNG each).
     bucket_width: training batches hold sequences of similar length, padded to
       a multiple of this many tokens (one compilation per bucket length).
+    checkpoint_every: save the whole train state to ``OUT/train_checkpoint``
+      every so many steps; running the same command again resumes from it.
     clean_pass_cache_gb: compute the frozen model's clean pass over the training
       set once and keep it in host memory when it needs at most this many GB
       (0 never caches); the same numbers, fewer model passes per step.
@@ -121,6 +124,7 @@ class TextDiffMaskConfig:
   num_heatmap_examples: int = 4
   bucket_width: int = 16
   clean_pass_cache_gb: float = 6.0
+  checkpoint_every: int = 500
   allow_random_head: bool = False
   dtype: str = 'float32'
   seed: int = 0
@@ -173,6 +177,8 @@ class TextDiffMaskConfig:
     if not (self.clean_pass_cache_gb >= 0 and math.isfinite(self.clean_pass_cache_gb)):
       raise ValueError(f'--clean-pass-cache-gb must be a finite number >= 0, '
                        f'got {self.clean_pass_cache_gb}')
+    if self.checkpoint_every < 1:
+      raise ValueError(f'--checkpoint-every must be >= 1, got {self.checkpoint_every}')
     if self.num_heatmap_examples < 0:
       raise ValueError(f'--num-heatmaps must be >= 0, got {self.num_heatmap_examples}')
     if self.dtype not in ('float32', 'bfloat16'):
@@ -597,7 +603,10 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
   state, history = train.fit(model, frozen_params, probe, dm_config, state, batches, config.steps,
                              run_key, progress=progress,
                              description=f'diffmask {config.task} {config.gate}',
-                             log_every=min(500, max(config.steps // 20, 50)))
+                             log_every=min(500, max(config.steps // 20, 50)),
+                             checkpoint_dir=out_dir / TRAIN_CHECKPOINT,
+                             checkpoint_every=config.checkpoint_every,
+                             run_info=_resume_fingerprint(config))
   jax.block_until_ready(state.params)
   train_seconds = time.time() - train_started
 
@@ -660,6 +669,19 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
   (out_dir / REPORT_FILE).write_text(json.dumps(_jsonable(report), indent=2))
   log(format_summary(report))
   return report
+
+
+# options that only change the evaluation: a resumed run may change them
+EVAL_ONLY_FIELDS = ('eval_split', 'eval_batch_size', 'max_eval_examples', 'num_heatmap_examples',
+                    'checkpoint_every', 'clean_pass_cache_gb')
+
+
+def _resume_fingerprint(config: TextDiffMaskConfig) -> dict:
+  """The options a run resumed from ``train_checkpoint`` must share with the one that saved it."""
+  fields = dataclasses.asdict(config)
+  fields['model'] = str(Path(config.model).expanduser().absolute())
+  return _jsonable({name: value for name, value in fields.items()
+                    if name not in EVAL_ONLY_FIELDS})
 
 
 def _jsonable(value: Any) -> Any:
@@ -729,6 +751,8 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
   parser.add_argument('--max-eval-examples', type=int, default=defaults['max_eval_examples'],
                       help='evaluate on the first N sentences / questions')
   parser.add_argument('--num-heatmaps', type=int, default=4, help='heatmap figures to draw')
+  parser.add_argument('--checkpoint-every', type=int, default=500,
+                      help='save the train state every N steps; rerun the command to resume')
   parser.add_argument('--bucket-width', type=int, default=16,
                       help='training batches pad to a multiple of this many tokens')
   parser.add_argument('--clean-pass-cache-gb', type=float, default=6.0,
@@ -753,6 +777,7 @@ def config_from_args(args: argparse.Namespace, task: str) -> TextDiffMaskConfig:
       baseline_learning_rate=args.baseline_learning_rate, sparsity=args.sparsity, probe_form=args.probe_form,
       probe_hidden_size=args.probe_hidden_size, num_heatmap_examples=args.num_heatmaps,
       bucket_width=args.bucket_width, clean_pass_cache_gb=args.clean_pass_cache_gb,
+      checkpoint_every=args.checkpoint_every,
       allow_random_head=args.allow_random_head, dtype=args.dtype, seed=args.seed)
 
 
