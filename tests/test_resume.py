@@ -69,41 +69,69 @@ def assert_trees_identical(first, second):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize('gate', ['input', 'hidden'])
-def test_killed_and_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, gate):
-  # the uninterrupted run checkpoints too, so both histories break at the same steps
-  reference_state, reference_history = run(tmp_path / 'uninterrupted', gate=gate)
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """The uninterrupted hidden-gate run, checkpointing like the others (so histories match)."""
+  return run(tmp_path_factory.mktemp('reference') / 'checkpoint')
+
+
+@pytest.fixture(scope='module')
+def partial_checkpoint(tmp_path_factory):
+  """A checkpoint left at step 5 by a run killed before step 8."""
+  folder = tmp_path_factory.mktemp('partial') / 'checkpoint'
+  with pytest.raises(Killed):
+    run(folder, kill_at=7)
+  return folder
+
+
+@pytest.fixture
+def partial(partial_checkpoint, tmp_path):
+  """A private copy of the partial checkpoint, free to damage."""
+  folder = tmp_path / 'checkpoint'
+  shutil.copytree(partial_checkpoint, folder)
+  return folder
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, reference):
+  reference_state, reference_history = reference
   folder = tmp_path / 'checkpoint'
   with pytest.raises(Killed):
-    run(folder, kill_at=13, gate=gate)
+    run(folder, kill_at=13)
   assert int(checkpoint.read_metadata(folder)['step']) == 10  # last save before the kill
-  state, history = run(folder, gate=gate)
+  state, history = run(folder)
   assert int(state.step) == NUM_STEPS
   # the whole state: probe, baselines, both optimisers (Lookahead slow weights
   # included), multipliers, running statistics, step
   assert_trees_identical(state, reference_state)
-  assert [entry['step'] for entry in history] == [entry['step'] for entry in reference_history]
+  assert [entry['step'] for entry in history] == [4, 5, 8, 10, 12, 15, 16, 20]
   assert history == reference_history
 
 
-def test_finished_run_is_not_trained_again(tmp_path):
+def test_input_gate_run_resumes_bit_for_bit(tmp_path):
   folder = tmp_path / 'checkpoint'
-  first, _ = run(folder)
+  with pytest.raises(Killed):
+    run(folder, kill_at=6, gate='input', num_steps=10)
+  state, _ = run(folder, gate='input', num_steps=10)
+  uninterrupted, _ = run(gate='input', num_steps=10)
+  assert_trees_identical(state, uninterrupted)
+
+
+def test_finished_run_is_not_trained_again(partial, reference):
+  finished, _ = run(partial)
+  assert_trees_identical(finished, reference[0])
   # an endless stream that fails on first use: a finished run must not draw from it
-  again, history = run(folder, kill_at=0)
-  assert_trees_identical(first, again)
+  again, history = run(partial, kill_at=0)
+  assert_trees_identical(again, reference[0])
   assert history[-1]['step'] == NUM_STEPS
 
 
-def test_process_killed_by_sigkill_resumes_bit_for_bit(tmp_path):
+def test_process_killed_by_sigkill_resumes_bit_for_bit(tmp_path, reference):
   """A real kill -9 of the training process between two steps."""
   folder = tmp_path / 'checkpoint'
   script = textwrap.dedent(f'''
       import os, signal, sys
       sys.path.insert(0, {str(Path(__file__).parent)!r})
       import test_resume as t
-      class Die(t.Killed):
-        pass
       original = t.toy_batches
       def dying(seed, kill_at=None):
         for index, batch in enumerate(original(seed)):
@@ -120,74 +148,49 @@ def test_process_killed_by_sigkill_resumes_bit_for_bit(tmp_path):
   assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
   assert int(checkpoint.read_metadata(folder)['step']) == 10
   resumed, _ = run(folder)
-  reference, _ = run()
-  assert_trees_identical(resumed, reference)
+  assert_trees_identical(resumed, reference[0])
 
 
-def test_checkpoint_of_another_config_is_refused(tmp_path):
-  folder = tmp_path / 'checkpoint'
-  with pytest.raises(Killed):
-    run(folder, kill_at=7)
+def test_checkpoint_of_another_run_is_refused(partial):
   with pytest.raises(checkpoint.CheckpointError, match=r'another run.*margin'):
-    run(folder, margin=0.5)
-
-
-def test_checkpoint_of_another_seed_or_length_is_refused(tmp_path):
-  folder = tmp_path / 'checkpoint'
-  with pytest.raises(Killed):
-    run(folder, kill_at=7)
+    run(partial, margin=0.5)
   with pytest.raises(checkpoint.CheckpointError, match='different key'):
-    run(folder, key_seed=8)
+    run(partial, key_seed=8)
   with pytest.raises(checkpoint.CheckpointError, match='different last step'):
-    run(folder, num_steps=30)
+    run(partial, num_steps=30)
 
 
-def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
-  folder = tmp_path / 'checkpoint'
-  with pytest.raises(Killed):
-    run(folder, kill_at=7)
-  (folder / 'metadata.json').write_text('{not json')
+def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(partial):
+  (partial / 'metadata.json').write_text('{not json')
   with pytest.raises(checkpoint.CheckpointError, match='corrupt'):
-    run(folder)
-  (folder / 'metadata.json').unlink()
+    run(partial)
+  (partial / 'metadata.json').unlink()
   with pytest.raises(checkpoint.CheckpointError, match='missing metadata'):
-    run(folder)
+    run(partial)
 
 
-def test_damaged_state_files_are_an_error(tmp_path):
-  folder = tmp_path / 'checkpoint'
-  with pytest.raises(Killed):
-    run(folder, kill_at=7)
-  shutil.rmtree(folder / 'state')
+def test_damaged_state_files_are_an_error(partial):
+  shutil.rmtree(partial / 'state')
   with pytest.raises(checkpoint.CheckpointError, match='cannot restore'):
-    run(folder)
+    run(partial)
 
 
-def test_save_interrupted_between_renames_keeps_last_good_checkpoint(tmp_path):
-  folder = tmp_path / 'checkpoint'
-  with pytest.raises(Killed):
-    run(folder, kill_at=13)
+def test_save_interrupted_between_renames_keeps_last_good_checkpoint(partial, reference):
   # what a save that died after moving the good checkpoint aside leaves behind
-  folder.rename(tmp_path / 'checkpoint.previous')
-  (tmp_path / 'checkpoint.saving').mkdir()
-  state, _ = run(folder)
-  reference, _ = run()
-  assert_trees_identical(state, reference)
+  partial.rename(partial.with_name('checkpoint.previous'))
+  partial.with_name('checkpoint.saving').mkdir()
+  state, _ = run(partial)
+  assert_trees_identical(state, reference[0])
 
 
-def test_resume_onto_a_one_device_mesh(tmp_path):
+def test_resume_onto_a_one_device_mesh(partial, reference):
   """The checkpoint restores onto the current mesh (here the one CPU device)."""
   from dmx import parallel
-  folder = tmp_path / 'checkpoint'
-  with pytest.raises(Killed):
-    run(folder, kill_at=13)
   model, frozen, probe, config, state = setup()
   resumed, _ = train.fit(model, frozen, probe, config, state, toy_batches(0), NUM_STEPS,
-                         jax.random.key(7), progress=False, log_every=4, checkpoint_dir=folder,
+                         jax.random.key(7), progress=False, log_every=4, checkpoint_dir=partial,
                          checkpoint_every=5, mesh=parallel.data_mesh(jax.devices()[:1]))
-  reference, _ = run()
-  leaves = jax.tree_util.tree_leaves(resumed)
-  np.testing.assert_allclose(np.asarray(resumed.lagrange_multipliers),
-                             np.asarray(reference.lagrange_multipliers), rtol=1e-5, atol=1e-6)
-  for got, want in zip(leaves, jax.tree_util.tree_leaves(reference)):
+  # shard_map compiles another program: equal up to float rounding, not bit for bit
+  for got, want in zip(jax.tree_util.tree_leaves(resumed),
+                       jax.tree_util.tree_leaves(reference[0])):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
