@@ -21,10 +21,9 @@ two implementations side by side, each in its own process.
 Averaging over depths. Both steps follow one depth schedule: timed step ``t``
 uses depth ``t mod (L + 2)`` (or one fixed depth), so a run of a multiple of
 ``L + 2`` steps weights every depth equally, which is what uniform sampling
-does in expectation, without its noise. The dmx step samples its depth from
-its key; :func:`keys_for_depths` picks keys whose sample is the scheduled
-depth, and the sampled depths are checked after the run. PyTorch is told the
-depth directly, as the original's ``layer_pred`` argument.
+does in expectation, without its noise. Both are told the depth directly:
+dmx's step through its traced ``layer_index`` argument (one compiled program
+for every depth), PyTorch as the original's ``layer_pred`` argument.
 
 Where the PyTorch step departs from the original, every change makes it no
 slower: one sample of depth and gates serves the probe and the multiplier
@@ -57,7 +56,7 @@ import platform
 import resource
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -66,7 +65,7 @@ import numpy as np
 
 from dmx.models.bert import BertConfig, BertModel
 from dmx.probes import DiffMaskProbe
-from dmx.train import (DiffMaskConfig, init_probe_params, init_state, layer_logits,
+from dmx.train import (DiffMaskConfig, init_probe_params, init_state,
                        make_train_step)
 
 SIZES = ('tiny', 'minilm', 'base')
@@ -154,43 +153,6 @@ def depth_schedule(num_states: int, steps: int, layer_index: int | None = None) 
   return [step % num_states for step in range(steps)]
 
 
-def keys_for_depths(state, config: DiffMaskConfig, depths: Sequence[int], seed: int = SEED
-                    ) -> list[jax.Array]:
-  """PRNG keys under which dmx's train step samples each of ``depths``.
-
-  The step splits its key into ``(layer_key, gate_key)`` and draws the depth
-  from ``categorical(layer_key, layer_logits(state, config))``; this draws
-  candidate keys the same way and keeps, in order, one per requested depth.
-  (The caller checks the step's ``layer_index`` metric, so a change in how
-  the step samples is caught rather than silently mis-scheduled.)
-  """
-  logits = layer_logits(state, config)
-  sample_depth = jax.jit(jax.vmap(
-      lambda key: jax.random.categorical(jax.random.split(key)[0], logits)))
-  wanted = list(depths)
-  pools: dict[int, list[jax.Array]] = {depth: [] for depth in set(wanted)}
-  needed = {depth: wanted.count(depth) for depth in pools}
-  root = jax.random.key(seed)
-  for round_index in range(1000):
-    candidates = jax.random.split(jax.random.fold_in(root, round_index), 4096)
-    sampled = np.asarray(sample_depth(candidates))
-    for depth in pools:
-      missing = needed[depth] - len(pools[depth])
-      if missing > 0:
-        matches = np.flatnonzero(sampled == depth)[:missing]
-        pools[depth].extend(candidates[index] for index in matches)
-    if all(len(pools[depth]) >= needed[depth] for depth in pools):
-      break
-  else:
-    raise ValueError(f'no keys found for depths {sorted(pools)}; can the step sample them?')
-  cursors = {depth: 0 for depth in pools}
-  keys = []
-  for depth in wanted:
-    keys.append(pools[depth][cursors[depth]])
-    cursors[depth] += 1
-  return keys
-
-
 def _resident_mb() -> float:
   """Current resident set size of this process in MB (Linux ``/proc``; else the peak)."""
   try:
@@ -274,30 +236,30 @@ def time_jax_step(size: str, batch: int, seq: int, gate: str, steps: int | None 
   diffmask = DiffMaskConfig(gate=gate)
   state = init_state(diffmask, init_probe_params(probe_key, model, probe, frozen, data),
                      config.num_states)
-  step_fn = jax.jit(make_train_step(model, probe, diffmask), donate_argnums=0)
+  # the scheduled depth goes in as the step's traced layer_index: one program for all depths
+  train_step = make_train_step(model, probe, diffmask)
+  step_fn = jax.jit(lambda state, frozen, batch, key, depth: train_step(
+      state, frozen, batch, key, layer_index=depth), donate_argnums=0)
   warmup_depths = depth_schedule(config.num_states, warmup, layer_index)
   timed_depths = depth_schedule(config.num_states, steps, layer_index)
-  keys = keys_for_depths(state, diffmask, warmup_depths + timed_depths)
+  keys = jax.random.split(jax.random.key(SEED), warmup + steps)
+  depths = [jnp.int32(depth) for depth in warmup_depths + timed_depths]
 
   compile_start = time.perf_counter()
-  step_fn = step_fn.lower(state, frozen, data, keys[0]).compile()
+  step_fn = step_fn.lower(state, frozen, data, keys[0], depths[0]).compile()
   compile_seconds = time.perf_counter() - compile_start
-  for key in keys[:warmup]:
-    state, _ = step_fn(state, frozen, data, key)
+  for key, depth in zip(keys[:warmup], depths[:warmup]):
+    state, _ = step_fn(state, frozen, data, key, depth)
   jax.block_until_ready(state)
   history = []
   start = time.perf_counter()
-  for key in keys[warmup:]:
-    state, metrics = step_fn(state, frozen, data, key)
+  for key, depth in zip(keys[warmup:], depths[warmup:]):
+    state, metrics = step_fn(state, frozen, data, key, depth)
     history.append(metrics)
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
 
   history = jax.device_get(history)
-  sampled = [int(metrics['layer_index']) for metrics in history]
-  if sampled != timed_depths:
-    raise RuntimeError(f'the step sampled depths {sampled}, the schedule was {timed_depths}; '
-                       'keys_for_depths no longer matches how make_train_step samples')
   device, device_peak = _jax_device_and_peak()
   return dict(
       impl='jax', size=size, batch=batch, seq=seq, gate=gate, dtype=dtype, steps=steps,
@@ -306,6 +268,46 @@ def time_jax_step(size: str, batch: int, seq: int, gate: str, steps: int | None 
       compile_seconds=round(compile_seconds, 2),
       mean_loss=float(np.mean([metrics['loss'] for metrics in history])),
       device=device, jax_version=jax.__version__, flax_version=flax.__version__)
+
+
+def time_forward(impl: str, size: str, batch: int, seq: int, repeats: int = 3) -> dict[str, Any]:
+  """Seconds of the frozen model's clean pass alone (all hidden states), dmx or transformers.
+
+  The step's first ingredient in isolation: dmx's jitted ``BertModel.forward``
+  against ``BertForSequenceClassification(output_hidden_states=True)`` under
+  ``torch.no_grad()``, on the same random batch; compilation and one warm-up
+  call excluded. Returns ``{'impl', 'size', 'batch', 'seq', 'seconds', 'device'}``.
+  """
+  config = check_arguments(size, batch, seq, 'hidden', None, 0, 'float32', None)
+  if repeats < 1:
+    raise ValueError(f'repeats must be >= 1, got {repeats}')
+  data = random_batch(config, batch, seq)
+  if impl == 'jax':
+    model = BertModel(config)
+    frozen = model.init(jax.random.key(SEED), seq)
+    forward = jax.jit(model.forward)
+    call = lambda: jax.block_until_ready(forward(frozen, data))
+    device = _jax_device_and_peak()[0]
+  elif impl == 'torch':
+    torch = _torch()
+    torch.set_num_threads(_cpu_count())
+    model = build_torch_classifier(config)
+    input_ids = torch.as_tensor(data['input_ids'], dtype=torch.long)
+    mask = torch.as_tensor(data['mask'], dtype=torch.long)
+
+    def call():
+      with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+    device = f'cpu ({_cpu_count()} cores)'
+  else:
+    raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
+  call()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    call()
+  seconds = (time.perf_counter() - start) / repeats
+  return dict(impl=impl, size=size, batch=batch, seq=seq, seconds=round(seconds, 4),
+              device=device, xla_flags=os.environ.get('XLA_FLAGS', ''))
 
 
 # ---------------------------------------------------------------------------

@@ -214,11 +214,10 @@ def sample_gates(gate: str, key: jax.Array, vote_logits: jax.Array, layer_index:
     ``gates`` ``(batch, seq)`` in ``[0, 1]`` (float32) and ``log_keep_prob``
     ``(batch, seq)``, the log-probability that each gate is non-zero.
   """
-  noise = None
-  if global_batch is not None:
-    num_states, batch, seq = vote_logits.shape
-    noise = jax.random.logistic(key, (num_states, global_batch, seq), dtype=jnp.float32)
-    noise = jax.lax.dynamic_slice_in_dim(noise, example_offset, batch, axis=1)
+  num_states, batch, seq = vote_logits.shape
+  # one batch on one device is the case global_batch = batch, offset 0
+  noise = jax.random.logistic(key, (num_states, global_batch or batch, seq), dtype=jnp.float32)
+  noise = jax.lax.dynamic_slice_in_dim(noise, example_offset, batch, axis=1)
   votes = hard_concrete.sample(key, vote_logits, temperature=temperature, stretch=stretch,
                                noise=noise)
   log_keep = gate_log_keep_probs(gate, vote_logits, temperature=temperature, stretch=stretch)

@@ -44,7 +44,7 @@ def init_sweep(model: MaskableModel, frozen_params, probe: nn.Module,
   init = jax.jit(lambda key: train.init_probe_params(key, model, probe, frozen_params, batch))
   states = [train.init_state(config, init(member_keys(seed)[0]), len(model.state_dims))
             for seed in seeds]
-  return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
+  return stack_members(states)
 
 
 def make_sweep_step(model: MaskableModel, probe: nn.Module, config: train.DiffMaskConfig,
@@ -89,6 +89,11 @@ def fit_sweep(model: MaskableModel, frozen_params, probe: nn.Module, config: tra
                    disable=not progress, unit='step'):
     states, metrics = step_fn(states, frozen_params, next(batches), fold(base_keys, step))
   return states, jax.device_get(metrics)
+
+
+def stack_members(states: Sequence[train.DiffMaskState]) -> train.DiffMaskState:
+  """Train states stacked on a leading ``(K,)`` member axis (the inverse of :func:`member`)."""
+  return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
 
 
 def member(states: train.DiffMaskState, index: int) -> train.DiffMaskState:

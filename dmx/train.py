@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from dmx import checkpoint as checkpoints
 from dmx import hard_concrete, objective, optim, probes
 from dmx.models.base import MaskableModel
 
@@ -152,8 +153,8 @@ def make_optimizers(config: DiffMaskConfig):
 
 def init_probe_params(key: jax.Array, model: MaskableModel, probe: nn.Module, frozen_params,
                       batch: dict):
-  """Initialises ``probe`` on the states of one clean pass over ``batch``."""
-  _, states = model.forward(frozen_params, batch)
+  """Initialises ``probe`` on the states of ``batch``'s clean pass (see :func:`clean_pass`)."""
+  _, states = clean_pass(model, frozen_params, batch)
   return probe.init(key, states)
 
 
@@ -250,7 +251,7 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
                     axis_name: str | None = None, num_shards: int = 1
                     ) -> Callable[[DiffMaskState, Any, dict, jax.Array],
                                   tuple[DiffMaskState, dict]]:
-  """Builds the pure step ``(state, frozen_params, batch, key[, margin]) -> (state, metrics)``.
+  """Builds the pure step ``(state, frozen_params, batch, key[, margin, layer_index]) -> (state, metrics)``.
 
   One sample of the depth and of the gates serves both the probe update and
   the multiplier update. ``batch['mask']`` ``(batch, seq)`` marks real tokens;
@@ -261,6 +262,8 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
 
   ``margin`` (a traced scalar) replaces ``config.margin``; :mod:`dmx.sweep`
   uses it to train members with different margins in one program.
+  ``layer_index`` (a traced int) trains that depth instead of sampling one;
+  :mod:`dmx.bench` uses it to time every depth in turn.
 
   With ``axis_name`` the step runs inside ``shard_map`` over ``num_shards``
   shards of the batch (see :mod:`dmx.parallel`): the depth comes from the
@@ -276,12 +279,12 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
   def train_step(state: DiffMaskState, frozen_params, batch: dict, key: jax.Array,
-                 margin: jax.Array | float | None = None):
-    # a sweep passes the margin in, so members with different margins share one program
+                 margin: jax.Array | float | None = None, layer_index: jax.Array | None = None):
     margin = config.margin if margin is None else margin
     layer_key, gate_key = jax.random.split(key)
     outputs, states = clean_pass(model, frozen_params, batch)
-    layer_index = jax.random.categorical(layer_key, layer_logits(state, config))
+    if layer_index is None:
+      layer_index = jax.random.categorical(layer_key, layer_logits(state, config))
     mask = batch['mask']
     if axis_name is None:
       shard_kwargs = {}
@@ -369,7 +372,6 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
     dmx.checkpoint.CheckpointError: the checkpoint is corrupt or belongs to
       another run (never a silent fresh start).
   """
-  from dmx import checkpoint as checkpoints  # pylint: disable=import-outside-toplevel
   from dmx import parallel  # pylint: disable=import-outside-toplevel  (parallel imports train)
   if num_steps < 0:
     raise ValueError(f'num_steps must be >= 0, got {num_steps}')
@@ -425,8 +427,6 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
       save(state, history)
     bar.update(1)
   bar.close()
-  if checkpoint_dir is not None and num_steps == 0 and not checkpoints.exists(checkpoint_dir):
-    save(state, history)
   return state, history
 
 
@@ -443,7 +443,6 @@ def _jsonable_config(config: DiffMaskConfig) -> dict:
 
 def _resume(checkpoint_dir, state: DiffMaskState, run_metadata: dict):
   """The checkpointed state and history, after checking they belong to this run."""
-  from dmx import checkpoint as checkpoints  # pylint: disable=import-outside-toplevel
   metadata = checkpoints.read_metadata(checkpoint_dir)
   for name, expected in run_metadata.items():
     if metadata.get(name) != expected:

@@ -86,14 +86,9 @@ def test_unknown_choice_is_an_argparse_error():
   assert 'Traceback' not in result.stderr
 
 
-def test_depth_schedule_and_keys_make_the_step_sample_each_depth():
+def test_depth_schedule_visits_every_depth():
   assert bench.depth_schedule(4, 6) == [0, 1, 2, 3, 0, 1]
   assert bench.depth_schedule(4, 3, layer_index=2) == [2, 2, 2]
-  config = DiffMaskConfig(gate='hidden')
-  state = init_state(config, {'params': {}}, 5)
-  keys = bench.keys_for_depths(state, config, [4, 0, 3, 3])
-  sampled = [int(jax.random.categorical(jax.random.split(key)[0], jnp.zeros(5))) for key in keys]
-  assert sampled == [4, 0, 3, 3]
 
 
 # ---------------------------------------------------------------------------
@@ -137,8 +132,8 @@ def test_torch_step_loss_equals_dmx_step_loss_at_every_depth(tiny_classifier, ga
 
   depths = list(range(config.num_states))
   divergences = []
-  for depth, key in zip(depths, bench.keys_for_depths(state, diffmask, depths)):
-    _, metrics = step(state, params, batch, key)
+  for depth, key in zip(depths, jax.random.split(jax.random.key(2), len(depths))):
+    _, metrics = step(state, params, batch, key, layer_index=jnp.int32(depth))
     assert int(metrics['layer_index']) == depth
     # the logistic noise dmx's Hard Concrete sample draws from the step's gate key
     noise = jax.random.logistic(jax.random.split(key)[1],
@@ -274,3 +269,18 @@ def test_benchmark_script_pairs_implementations_and_writes_json_lines(tmp_path, 
   assert '1.50x' in printed and '100.0x' in printed
   lines = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(lines) == 5 and lines[-1]['kind'] == 'attribution'
+
+
+@pytest.mark.parametrize('impl', bench.IMPLS)
+def test_time_forward_measures_both_implementations(impl):
+  if impl == 'torch':
+    pytest.importorskip('torch')
+  result = bench.time_forward(impl, 'tiny', 2, 8, repeats=1)
+  assert result['impl'] == impl and result['seconds'] > 0
+
+
+def test_time_forward_rejects_nonsense():
+  with pytest.raises(ValueError, match='impl'):
+    bench.time_forward('mxnet', 'tiny', 2, 8)
+  with pytest.raises(ValueError, match='repeats'):
+    bench.time_forward('jax', 'tiny', 2, 8, repeats=0)

@@ -197,3 +197,21 @@ def test_cached_clean_pass_gives_the_same_step(toy_setup, gate):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match='needs both'):
     step(state, frozen, dict(batch, clean_outputs=outputs), jax.random.key(4))
+
+
+def test_given_layer_index_is_trained_instead_of_a_sampled_one(toy_setup):
+  model, frozen, batch = toy_setup
+  config = train.DiffMaskConfig(gate='hidden', warmup_steps=0)
+  probe, state = _state(model, frozen, batch, config)
+  step = jax.jit(train.make_train_step(model, probe, config))
+  key = jax.random.key(5)
+  _, sampled = step(state, frozen, batch, key)
+  for depth in range(len(model.state_dims)):  # one compiled program serves every depth
+    new_state, metrics = step(state, frozen, batch, key, layer_index=jnp.int32(depth))
+    assert int(metrics['layer_index']) == depth
+    assert int(new_state.running_steps[depth]) == 1 and int(new_state.running_steps.sum()) == 1
+  # the same key and the sampled depth given explicitly: the same step
+  depth = int(sampled['layer_index'])
+  _, given = step(state, frozen, batch, key, layer_index=jnp.int32(depth))
+  for name in sampled:
+    np.testing.assert_allclose(np.asarray(given[name]), np.asarray(sampled[name]), rtol=1e-6)

@@ -93,16 +93,24 @@ def bucketed_batches(buckets: list[dict], batch_size: int, seed: int) -> Iterato
       yield jax.tree_util.tree_map(lambda array, rows=rows: array[rows], buckets[bucket_index])
 
 
-def padded_batches(features, batch_size: int) -> Iterator[tuple[dict, int]]:
-  """In-order model batches of exactly ``batch_size`` rows, and how many rows are real.
+def padded_index_batches(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+  """In-order index arrays of exactly ``batch_size`` rows, and how many rows are real.
 
-  The last batch repeats its last row, so every batch has one shape and a
-  jitted function compiles once. ``features`` needs ``len``, ``take(indices)``
-  and ``as_batch()`` (SST and SQuAD features have them).
+  The last one repeats its last index, so every batch has one shape and a
+  jitted function compiles once.
   """
-  for indices in batch_indices(len(features), batch_size):
+  for indices in batch_indices(num_examples, batch_size):
     count = len(indices)
-    indices = np.concatenate([indices, np.full(batch_size - count, indices[-1])])
+    yield np.concatenate([indices, np.full(batch_size - count, indices[-1])]), count
+
+
+def padded_batches(features, batch_size: int) -> Iterator[tuple[dict, int]]:
+  """In-order model batches of exactly ``batch_size`` rows (:func:`padded_index_batches`).
+
+  ``features`` needs ``len``, ``take(indices)`` and ``as_batch()`` (SST and
+  SQuAD features have them).
+  """
+  for indices, count in padded_index_batches(len(features), batch_size):
     yield features.take(indices).as_batch(), count
 
 

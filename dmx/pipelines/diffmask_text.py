@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 
 from dmx import attribute, checkpoint, metrics, objective, probes, train, viz
 from dmx.data import squad as squad_data
-from dmx.data.common import bucketed_batches, length_buckets, padded_batches
+from dmx.data.common import (bucketed_batches, length_buckets, padded_batches,
+                             padded_index_batches)
 from dmx.data import sst as sst_data
 from dmx.models.bert import BertModel
 from dmx.models.hf_import import MissingHeadError, load_pretrained
@@ -302,7 +303,8 @@ def training_batches(config: TextDiffMaskConfig, model: BertModel, frozen_params
   with tqdm(total=total, desc='clean pass', disable=not progress, unit='seq') as bar:
     for bucket in bucket_batches:
       outputs, states = [], []
-      for chunk, count in padded_batches(_ArrayFeatures(bucket), batch_size):
+      for rows, count in padded_index_batches(len(bucket['mask']), batch_size):
+        chunk = {name: value[rows] for name, value in bucket.items()}
         chunk_outputs, chunk_states = jax.device_get(forward(frozen_params, chunk))
         outputs.append(chunk_outputs[:count])
         states.append([state[:count] for state in chunk_states])
@@ -310,22 +312,6 @@ def training_batches(config: TextDiffMaskConfig, model: BertModel, frozen_params
       bucket['clean_outputs'] = np.concatenate(outputs)
       bucket['clean_states'] = tuple(np.concatenate(parts) for parts in zip(*states))
   return bucketed_batches(bucket_batches, batch_size, config.seed)
-
-
-class _ArrayFeatures:
-  """A dict of ``(N, ...)`` arrays seen as features (``len``, ``take``, ``as_batch``)."""
-
-  def __init__(self, arrays: dict):
-    self.arrays = arrays
-
-  def __len__(self) -> int:
-    return len(next(iter(self.arrays.values())))
-
-  def take(self, indices) -> '_ArrayFeatures':
-    return _ArrayFeatures({name: value[indices] for name, value in self.arrays.items()})
-
-  def as_batch(self) -> dict:
-    return dict(self.arrays)
 
 
 # ---------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def run_toy_sweep(config: ToySweepConfig, out_dir: str | Path, *, progress: bool
 
     if config.separate:
       started = time.perf_counter()
-      separate_keep = []
+      separate_states = []
       for index, seed in enumerate(seeds):
         member_config = dm_config if config.margins is None else dataclasses.replace(
             dm_config, margin=float(config.margins[index]))
@@ -128,11 +128,12 @@ def run_toy_sweep(config: ToySweepConfig, out_dir: str | Path, *, progress: bool
                              config.num_steps, run_key, progress=progress,
                              description=f'separate {gate} seed {seed}')
         jax.block_until_ready(state)
-        single = jax.tree_util.tree_map(lambda leaf: leaf[None], state)
-        separate_keep.append(sweep.sweep_keep_probs(model, frozen_params, probe, dm_config,
-                                                    single, val_batch)[0])
+        separate_states.append(state)
       separate_seconds = time.perf_counter() - started
-      difference = np.abs(np.stack(separate_keep) - keep_probs)
+      # stacked like a sweep's members: one clean pass scores every separate run
+      separate_keep = sweep.sweep_keep_probs(model, frozen_params, probe, dm_config,
+                                             sweep.stack_members(separate_states), val_batch)
+      difference = np.abs(separate_keep - keep_probs)
       gate_report.update(
           separate_seconds=separate_seconds,
           sweep_cost_relative_to_separate=sweep_seconds / separate_seconds,
