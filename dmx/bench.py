@@ -270,34 +270,41 @@ def time_jax_step(size: str, batch: int, seq: int, gate: str, steps: int | None 
       device=device, jax_version=jax.__version__, flax_version=flax.__version__)
 
 
-def time_forward(impl: str, size: str, batch: int, seq: int, repeats: int = 3) -> dict[str, Any]:
-  """Seconds of the frozen model's clean pass alone (all hidden states), dmx or transformers.
+FORWARD_PARTS = ('clean', 'masked', 'masked_grad')
 
-  The step's first ingredient in isolation: dmx's jitted ``BertModel.forward``
-  against ``BertForSequenceClassification(output_hidden_states=True)`` under
-  ``torch.no_grad()``, on the same random batch; compilation and one warm-up
-  call excluded. Returns ``{'impl', 'size', 'batch', 'seq', 'seconds', 'device'}``.
+
+def time_forward(impl: str, size: str, batch: int, seq: int, repeats: int = 3,
+                 part: str = 'clean') -> dict[str, Any]:
+  """Seconds of one ingredient of the step alone, dmx or transformers, on one random batch.
+
+  ``part``:
+
+  * ``'clean'``: the frozen model's clean pass with every hidden state: dmx's
+    jitted ``BertModel.forward`` against ``BertForSequenceClassification(
+    output_hidden_states=True)`` under ``torch.no_grad()``;
+  * ``'masked'``: the input-gate masked pass, word embeddings ``h0`` mixed with a
+    zero baseline by gates ``(batch, seq)`` and the whole model re-run (dmx:
+    ``forward_from`` at depth 0, as the step calls it; transformers:
+    ``inputs_embeds``);
+  * ``'masked_grad'``: the same pass and the gradient of a scalar of its logits
+    with respect to the gates: the encoder's backward pass, activations only
+    (the frozen weights get no gradient in either).
+
+  Compilation and one warm-up call are excluded; ``seconds`` is the mean of
+  ``repeats`` calls. Returns ``{'impl', 'size', 'batch', 'seq', 'part',
+  'seconds', 'device', 'xla_flags'}``.
   """
   config = check_arguments(size, batch, seq, 'hidden', None, 0, 'float32', None)
   if repeats < 1:
     raise ValueError(f'repeats must be >= 1, got {repeats}')
+  if part not in FORWARD_PARTS:
+    raise ValueError(f'part must be one of {FORWARD_PARTS}, got {part!r}')
   data = random_batch(config, batch, seq)
   if impl == 'jax':
-    model = BertModel(config)
-    frozen = model.init(jax.random.key(SEED), seq)
-    forward = jax.jit(model.forward)
-    call = lambda: jax.block_until_ready(forward(frozen, data))
+    call = _jax_forward_part(config, data, seq, part)
     device = _jax_device_and_peak()[0]
   elif impl == 'torch':
-    torch = _torch()
-    torch.set_num_threads(_cpu_count())
-    model = build_torch_classifier(config)
-    input_ids = torch.as_tensor(data['input_ids'], dtype=torch.long)
-    mask = torch.as_tensor(data['mask'], dtype=torch.long)
-
-    def call():
-      with torch.no_grad():
-        return model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+    call = _torch_forward_part(config, data, part)
     device = f'cpu ({_cpu_count()} cores)'
   else:
     raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
@@ -306,8 +313,60 @@ def time_forward(impl: str, size: str, batch: int, seq: int, repeats: int = 3) -
   for _ in range(repeats):
     call()
   seconds = (time.perf_counter() - start) / repeats
-  return dict(impl=impl, size=size, batch=batch, seq=seq, seconds=round(seconds, 4),
+  return dict(impl=impl, size=size, batch=batch, seq=seq, part=part, seconds=round(seconds, 4),
               device=device, xla_flags=os.environ.get('XLA_FLAGS', ''))
+
+
+# the gate value of the masked parts: any value strictly between 0 and 1 keeps both paths live
+_PART_GATE = 0.7
+
+
+def _jax_forward_part(config: BertConfig, data: dict, seq: int, part: str):
+  model = BertModel(config)
+  frozen = model.init(jax.random.key(SEED), seq)
+  if part == 'clean':
+    forward = jax.jit(model.forward)
+    return lambda: jax.block_until_ready(forward(frozen, data))
+  from dmx.probes import replace_with_baseline  # pylint: disable=import-outside-toplevel
+  _, states = jax.jit(model.forward)(frozen, data)
+  baseline = jnp.zeros((config.hidden_size,), jnp.float32)
+
+  def masked_logits(gates):
+    intervention = lambda index, state: replace_with_baseline(state, gates, baseline)
+    return model.forward_from(frozen, data, states, 0, intervention)
+
+  gates = jnp.full(data['mask'].shape, _PART_GATE, jnp.float32)
+  if part == 'masked':
+    function = jax.jit(masked_logits)
+  else:
+    function = jax.jit(jax.value_and_grad(
+        lambda gates: jax.nn.log_softmax(masked_logits(gates)).sum()))
+  return lambda: jax.block_until_ready(function(gates))
+
+
+def _torch_forward_part(config: BertConfig, data: dict, part: str):
+  torch = _torch()
+  torch.set_num_threads(_cpu_count())
+  model = build_torch_classifier(config)
+  input_ids = torch.as_tensor(data['input_ids'], dtype=torch.long)
+  mask = torch.as_tensor(data['mask'], dtype=torch.long)
+  if part == 'clean':
+    def call():
+      with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+    return call
+  with torch.no_grad():
+    word_embedded = model.bert.embeddings.word_embeddings(input_ids)
+
+  def call():
+    gates = torch.full(tuple(input_ids.shape) + (1,), _PART_GATE,
+                       requires_grad=part == 'masked_grad')
+    with torch.set_grad_enabled(part == 'masked_grad'):
+      logits = model(inputs_embeds=gates * word_embedded, attention_mask=mask).logits
+      if part == 'masked_grad':
+        torch.log_softmax(logits, dim=-1).sum().backward()
+    return logits
+  return call
 
 
 # ---------------------------------------------------------------------------

@@ -271,12 +271,13 @@ def test_benchmark_script_pairs_implementations_and_writes_json_lines(tmp_path, 
   assert len(lines) == 5 and lines[-1]['kind'] == 'attribution'
 
 
+@pytest.mark.parametrize('part', bench.FORWARD_PARTS)
 @pytest.mark.parametrize('impl', bench.IMPLS)
-def test_time_forward_measures_both_implementations(impl):
+def test_time_forward_measures_every_part_of_both_implementations(impl, part):
   if impl == 'torch':
     pytest.importorskip('torch')
-  result = bench.time_forward(impl, 'tiny', 2, 8, repeats=1)
-  assert result['impl'] == impl and result['seconds'] > 0
+  result = bench.time_forward(impl, 'tiny', 2, 8, repeats=1, part=part)
+  assert result['impl'] == impl and result['part'] == part and result['seconds'] > 0
 
 
 def test_time_forward_rejects_nonsense():
@@ -284,3 +285,5 @@ def test_time_forward_rejects_nonsense():
     bench.time_forward('mxnet', 'tiny', 2, 8)
   with pytest.raises(ValueError, match='repeats'):
     bench.time_forward('jax', 'tiny', 2, 8, repeats=0)
+  with pytest.raises(ValueError, match='part'):
+    bench.time_forward('jax', 'tiny', 2, 8, part='backward')
