@@ -11,7 +11,11 @@ prints and plots one sentence's keep probabilities with a trained probe
 DiffMask training step and ``dmx bench attribution`` amortised attribution
 against integrated gradients, each printing one JSON line (:mod:`dmx.bench`);
 ``dmx sweep toy --seeds 0 1 2 3 4`` trains K probes in one program
-(:mod:`dmx.pipelines.sweep`).
+(:mod:`dmx.pipelines.sweep`); ``dmx compare toy --out DIR`` scores every
+attribution method on the toy task next to the paper's Table 1
+(:mod:`dmx.pipelines.compare_methods`); ``dmx compare relaxations --out DIR``
+trains the toy probe with each gate relaxation and compares them
+(:mod:`dmx.pipelines.compare_relaxations`).
 Bad arguments end with a one-line error and exit code 2, never a traceback.
 """
 
@@ -56,6 +60,8 @@ def _add_toy_parser(subparsers) -> None:
   parser.add_argument('--probe-form', choices=('mlp', 'bilinear'), default=defaults.probe_form)
   parser.add_argument('--sparsity', choices=('log_l0', 'l0'), default=defaults.sparsity,
                       help="sparsity loss: the original's mean log P(z!=0), or expected L0")
+  parser.add_argument('--baseline-examples', type=int, default=defaults.baseline_examples,
+                      help='validation examples the Table 1 baselines are scored on (0: none)')
   parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
 
 
@@ -67,6 +73,7 @@ def _run_toy(args) -> int:
         seed=args.seed, num_examples=args.num_examples, epochs=args.epochs,
         batch_size=args.batch_size, diffmask_steps=args.diffmask_steps,
         probe_form=args.probe_form, sparsity=args.sparsity,
+        baseline_examples=args.baseline_examples,
         model=dataclasses.replace(ToyExperimentConfig().model,
                                   feedforward_dim=args.feedforward_dim))
   except ValueError as error:
@@ -217,6 +224,37 @@ def _run_sweep(args) -> int:
   return 0
 
 
+def _add_compare_parser(subparsers) -> None:
+  from dmx.pipelines import compare_methods, compare_relaxations
+  parser = subparsers.add_parser('compare', help='attribution methods side by side (paper tables)')
+  tasks = parser.add_subparsers(dest='task', required=True)
+  compare_methods.add_arguments(tasks.add_parser(
+      'toy', help='every method on the toy task (Table 1)', description='Score DiffMask and every '
+      'baseline (integrated gradients, Schulz et al., Guan et al., erasure, gradients, occlusion, '
+      'LIME) against the toy task\'s ground truth; report.json and report.md with the paper\'s '
+      'values side by side.'))
+  compare_relaxations.add_arguments(tasks.add_parser(
+      'relaxations', help='gate relaxations on the toy task (issue 6)',
+      description='Train the toy task\'s DiffMask probe once per gate relaxation (Hard Concrete, '
+      'Binary Concrete, HardKuma, straight-through Bernoulli, REINFORCE); report D_JS to the '
+      'ground truth, sparsity, agreement, gradient variance and wall time (report.json, '
+      'report.md, relaxations.png).'))
+
+
+def _run_compare(args) -> int:
+  from dmx.checkpoint import CheckpointError
+  from dmx.pipelines import compare_methods, compare_relaxations
+  _writable_dir(args.out)
+  runners = {'toy': compare_methods.run_from_args,
+             'relaxations': compare_relaxations.run_from_args}
+  try:
+    runners[args.task](args)
+  except (ValueError, CheckpointError) as error:
+    raise UsageError(str(error)) from None
+  print(f'wrote {Path(args.out) / "report.json"} and report.md')
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='dmx', description='Differentiable Masking in JAX.')
   subparsers = parser.add_subparsers(dest='command', required=True)
@@ -226,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_explain_parser(subparsers)
   _add_bench_parser(subparsers)
   _add_sweep_parser(subparsers)
+  _add_compare_parser(subparsers)
   return parser
 
 
@@ -234,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   commands = {'toy': _run_toy, 'finetune': _run_finetune, 'diffmask': _run_diffmask,
               'explain': _run_explain, 'bench': _run_bench,
-              'sweep': _run_sweep}
+              'sweep': _run_sweep, 'compare': _run_compare}
   try:
     return commands[args.command](args)
   except UsageError as error:

@@ -133,3 +133,50 @@ def deterministic_gate(logits: jax.Array, *, temperature: float = DEFAULT_TEMPER
   logits = _as_float32(logits)
   low, high = stretch
   return jnp.clip(jax.nn.sigmoid(logits / temperature) * (high - low) + low, 0.0, 1.0)
+
+
+def prob_one(logits: jax.Array, *, temperature: float = DEFAULT_TEMPERATURE,
+             stretch: Sequence[float] = DEFAULT_STRETCH) -> jax.Array:
+  """``P(z = 1)``, elementwise: ``sigmoid(logits - temperature * logit((1 - low) / (high - low)))``.
+
+  Exactly 0 for ``high = 1`` (the original's half-open variant never reaches 1).
+  """
+  return jnp.exp(log_prob_one(logits, temperature=temperature, stretch=stretch))
+
+
+def log_prob_one(logits: jax.Array, *, temperature: float = DEFAULT_TEMPERATURE,
+                 stretch: Sequence[float] = DEFAULT_STRETCH) -> jax.Array:
+  """``log P(z = 1)``, elementwise; ``-inf`` for ``high = 1``."""
+  logits = _as_float32(logits)
+  low, high = stretch
+  if high <= 1.0:
+    return jnp.full_like(logits, -jnp.inf)
+  unit = (1.0 - low) / (high - low)
+  return jax.nn.log_sigmoid(logits - temperature * math.log(unit / (1.0 - unit)))
+
+
+def log_density(value: jax.Array, logits: jax.Array, *, temperature: float = DEFAULT_TEMPERATURE,
+                stretch: Sequence[float] = DEFAULT_STRETCH) -> jax.Array:
+  """Log-density of ``z`` against Lebesgue measure on ``(0, 1)`` plus atoms at 0 and 1.
+
+  At ``value == 0`` it is ``log P(z = 0)``, at ``value == 1`` ``log P(z = 1)``
+  (``-inf`` when ``high = 1``), and inside it is the stretched Binary Concrete
+  density: with ``s = (z - low) / (high - low)`` and
+  ``y = temperature * logit(s) - logits`` (so that ``P(s' <= s) = sigmoid(y)``),
+  ``log f(z) = log T + log sigmoid(y) + log sigmoid(-y) - log s - log(1 - s) - log(high - low)``.
+  Broadcasts ``value`` against ``logits``; ``-inf`` outside ``[0, 1]``.
+  """
+  logits = _as_float32(logits)
+  value = jnp.asarray(value, jnp.float32)
+  low, high = stretch
+  unit = (value - low) / (high - low)
+  # keep log(0) out of the branches that ``where`` discards (their gradients would be NaN)
+  safe_unit = jnp.clip(unit, jnp.finfo(jnp.float32).tiny, 1.0 - jnp.finfo(jnp.float32).epsneg)
+  log_unit, log_rest = jnp.log(safe_unit), jnp.log1p(-safe_unit)
+  y = temperature * (log_unit - log_rest) - logits
+  inside = (math.log(temperature) + jax.nn.log_sigmoid(y) + jax.nn.log_sigmoid(-y)
+            - log_unit - log_rest - math.log(high - low))
+  at_zero = jax.nn.log_sigmoid(_zero_threshold(temperature, stretch) - logits)
+  at_one = log_prob_one(logits, temperature=temperature, stretch=stretch)
+  density = jnp.where(value <= 0.0, at_zero, jnp.where(value >= 1.0, at_one, inside))
+  return jnp.where((value < 0.0) | (value > 1.0), -jnp.inf, density)

@@ -3,7 +3,8 @@
 A probe ``g`` reads the clean pass's states ``h0..hL`` (one array per state,
 ``(batch, seq, dim_k)``, dims may differ between states) and gives every token
 one vote logit per state: ``(num_states, batch, seq)``. Votes become gates
-through a Hard Concrete sample:
+through a sample of a gate relaxation (:mod:`dmx.relaxations`; Hard Concrete
+by default):
 
 * input gate at depth ``l``: ``z = prod_{k <= l} v(k)`` masks the input ``h0``
   (paper eq. 2); ``log P(z != 0) = sum_{k <= l} log P(v(k) != 0)``;
@@ -34,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmx import hard_concrete
+from dmx import hard_concrete, relaxations
 
 GATES = ('input', 'hidden')
 VOTE_FORMS = ('mlp', 'bilinear')
@@ -182,20 +183,40 @@ def set_baseline(probe_params, vector: jax.Array, layer_index: int = 0):
   return {**probe_params, 'params': inner}
 
 
-def gate_log_keep_probs(gate: str, vote_logits: jax.Array, *, temperature: float,
-                        stretch: Sequence[float]) -> jax.Array:
-  """``log P(z != 0)`` of the gate at every depth: ``(num_states, batch, seq)``.
+def gate_relaxation(relaxation: relaxations.Relaxation | None = None,
+                    temperature: float | None = None,
+                    stretch: Sequence[float] | None = None) -> relaxations.Relaxation:
+  """``relaxation``, or Hard Concrete with ``temperature`` and ``stretch`` (defaults: the original's).
 
-  For input gates the votes up to depth l multiply, so their log-probabilities
-  of being open add up (a cumulative sum over states).
+  Raises ValueError when both a relaxation and Hard Concrete parameters are given.
   """
-  log_vote = hard_concrete.log_prob_nonzero(vote_logits, temperature=temperature,
-                                            stretch=stretch)
+  if relaxation is not None:
+    if temperature is not None or stretch is not None:
+      raise ValueError('pass either a relaxation or Hard Concrete temperature/stretch, not both')
+    return relaxation
+  return relaxations.hard_concrete(
+      hard_concrete.DEFAULT_TEMPERATURE if temperature is None else temperature,
+      hard_concrete.DEFAULT_STRETCH if stretch is None else stretch)
+
+
+def gate_log_keep_probs(gate: str, vote_logits: jax.Array, *, temperature: float | None = None,
+                        stretch: Sequence[float] | None = None,
+                        relaxation: relaxations.Relaxation | None = None) -> jax.Array:
+  """Log-probability that the gate at every depth is open: ``(num_states, batch, seq)``.
+
+  ``relaxation`` (default: Hard Concrete with ``temperature``, ``stretch``)
+  gives each vote's ``log_keep_prob``. For input gates the votes up to depth
+  l are independent and multiply, so the gate is open only when all of them
+  are and their log-probabilities add up (a cumulative sum over states).
+  """
+  relaxation = gate_relaxation(relaxation, temperature, stretch)
+  log_vote = relaxation.log_keep_prob(vote_logits)
   return jnp.cumsum(log_vote, axis=0) if gate == 'input' else log_vote
 
 
 def sample_gates(gate: str, key: jax.Array, vote_logits: jax.Array, layer_index: jax.Array, *,
-                 temperature: float, stretch: Sequence[float], example_offset=0,
+                 temperature: float | None = None, stretch: Sequence[float] | None = None,
+                 relaxation: relaxations.Relaxation | None = None, example_offset=0,
                  global_batch: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Samples the gate at depth ``layer_index`` (may be traced).
 
@@ -204,6 +225,9 @@ def sample_gates(gate: str, key: jax.Array, vote_logits: jax.Array, layer_index:
     key: PRNG key.
     vote_logits: ``(num_states, batch, seq)`` from a probe.
     layer_index: scalar depth ``l``.
+    temperature, stretch: Hard Concrete's parameters, when ``relaxation`` is None.
+    relaxation: the gates' distribution (see :mod:`dmx.relaxations`);
+      default Hard Concrete.
     example_offset, global_batch: when ``vote_logits`` hold rows
       ``example_offset ..`` of a batch of ``global_batch`` rows split across
       devices, the noise is drawn for the whole batch and these rows taken, so
@@ -212,18 +236,43 @@ def sample_gates(gate: str, key: jax.Array, vote_logits: jax.Array, layer_index:
 
   Returns:
     ``gates`` ``(batch, seq)`` in ``[0, 1]`` (float32) and ``log_keep_prob``
-    ``(batch, seq)``, the log-probability that each gate is non-zero.
+    ``(batch, seq)``, the log-probability that each gate is open.
   """
+  relaxation = gate_relaxation(relaxation, temperature, stretch)
   num_states, batch, seq = vote_logits.shape
   # one batch on one device is the case global_batch = batch, offset 0
-  noise = jax.random.logistic(key, (num_states, global_batch or batch, seq), dtype=jnp.float32)
+  noise = relaxation.noise(key, (num_states, global_batch or batch, seq))
   noise = jax.lax.dynamic_slice_in_dim(noise, example_offset, batch, axis=1)
-  votes = hard_concrete.sample(key, vote_logits, temperature=temperature, stretch=stretch,
-                               noise=noise)
-  log_keep = gate_log_keep_probs(gate, vote_logits, temperature=temperature, stretch=stretch)
+  votes = relaxation.sample(noise, vote_logits)
+  log_keep = gate_log_keep_probs(gate, vote_logits, relaxation=relaxation)
   if gate == 'input':
     votes = jnp.cumprod(votes, axis=0)
   return votes[layer_index], log_keep[layer_index]
+
+
+def sample_log_prob(gate: str, vote_logits: jax.Array, gates: jax.Array, layer_index: jax.Array,
+                    *, relaxation: relaxations.Relaxation) -> jax.Array:
+  """``log p(gates)`` of binary gates sampled at depth ``layer_index``: ``(batch, seq)``.
+
+  For the score-function estimator. A hidden gate is the vote of depth l, a
+  Bernoulli. An input gate is the product of the independent Bernoulli votes
+  up to depth l, itself a Bernoulli with ``log P(open) = sum_k log P(v_k open)``;
+  its probability (rather than the joint probability of the votes) is what
+  the output depends on, and scoring it is unbiased with less variance
+  (Rao-Blackwellisation over the votes that the product hides).
+
+  Args:
+    gates: ``(batch, seq)`` gates from :func:`sample_gates`, each 0 or 1.
+    relaxation: a relaxation with ``binary`` samples.
+
+  Raises:
+    ValueError: the relaxation's samples are not binary (a continuous
+      product of votes has no closed-form density).
+  """
+  if not relaxation.binary:
+    raise ValueError(f'sample_log_prob needs binary gates; {relaxation.name!r} samples lie in [0, 1]')
+  log_keep = gate_log_keep_probs(gate, vote_logits, relaxation=relaxation)[layer_index]
+  return jnp.where(gates > 0.0, log_keep, relaxations.log1mexp(log_keep))
 
 
 def select_baseline(baselines: Sequence[jax.Array], layer_index) -> jax.Array:

@@ -23,7 +23,7 @@ import optax
 from tqdm.auto import tqdm
 
 from dmx import checkpoint as checkpoints
-from dmx import hard_concrete, objective, optim, probes
+from dmx import hard_concrete, objective, optim, probes, relaxations
 from dmx.models.base import MaskableModel
 
 
@@ -39,6 +39,12 @@ class DiffMaskConfig:
     sparsity: ``'log_l0'`` (original: mean ``log P(z != 0)``) or ``'l0'``
       (paper: expected L0, mean ``P(z != 0)``).
     temperature, stretch: the Hard Concrete parameters.
+    relaxation: the gates' distribution, one of :data:`dmx.relaxations.NAMES`
+      (``'hard_concrete'``, the original's, by default). Its parameters:
+      ``binary_concrete_temperature``; ``hard_kuma_b`` and
+      ``hard_kuma_stretch``; ``straight_through_temperature`` (of its backward
+      pass); ``reinforce_baseline_decay``, the decay of the per-depth moving
+      average of the divergence that the score-function estimator subtracts.
     probe_learning_rate, baseline_learning_rate, warmup_steps, rmsprop_decay,
       rmsprop_eps, lookahead_sync_period, lookahead_slow_step: the primal optimiser.
     dual_optimizer, multiplier_learning_rate, multiplier_init, multiplier_max:
@@ -56,6 +62,12 @@ class DiffMaskConfig:
   sparsity: str = 'log_l0'
   temperature: float = hard_concrete.DEFAULT_TEMPERATURE
   stretch: tuple[float, float] = hard_concrete.DEFAULT_STRETCH
+  relaxation: str = 'hard_concrete'
+  binary_concrete_temperature: float = relaxations.DEFAULT_BINARY_CONCRETE_TEMPERATURE
+  hard_kuma_b: float = relaxations.DEFAULT_KUMA_B
+  hard_kuma_stretch: tuple[float, float] = relaxations.DEFAULT_KUMA_STRETCH
+  straight_through_temperature: float = 1.0
+  reinforce_baseline_decay: float = 0.9
   probe_learning_rate: float = 3e-4
   baseline_learning_rate: float = 1e-3
   warmup_steps: int = 1200
@@ -86,6 +98,13 @@ class DiffMaskConfig:
       raise ValueError(
           f'dual_optimizer must be one of {optim.DUAL_OPTIMIZERS}, got {self.dual_optimizer!r}')
     hard_concrete.check_parameters(self.temperature, self.stretch)
+    if self.relaxation not in relaxations.NAMES:
+      raise ValueError(f'relaxation must be one of {relaxations.NAMES}, got {self.relaxation!r}')
+    for name in relaxations.NAMES:  # a nonsense parameter is refused even when unused
+      relaxations.by_name(name, **self._relaxation_options(name))
+    if not 0.0 <= self.reinforce_baseline_decay < 1.0:
+      raise ValueError(
+          f'reinforce_baseline_decay must lie in [0, 1), got {self.reinforce_baseline_decay}')
     if self.margin < 0:
       raise ValueError(f'margin must be >= 0, got {self.margin}')
     for name in ('probe_learning_rate', 'baseline_learning_rate', 'multiplier_learning_rate',
@@ -98,6 +117,18 @@ class DiffMaskConfig:
       raise ValueError('warmup_steps must be >= 0 and lookahead_sync_period >= 1')
     if self.layers is not None and not self.layers:
       raise ValueError('layers must name at least one depth, or be None for all')
+
+  def gate_relaxation(self) -> relaxations.Relaxation:
+    """The :class:`dmx.relaxations.Relaxation` that ``relaxation`` and its parameters name."""
+    return relaxations.by_name(self.relaxation, **self._relaxation_options(self.relaxation))
+
+  def _relaxation_options(self, name: str) -> dict:
+    return {
+        'hard_concrete': dict(temperature=self.temperature, stretch=self.stretch),
+        'binary_concrete': dict(temperature=self.binary_concrete_temperature),
+        'hard_kuma': dict(b=self.hard_kuma_b, stretch=self.hard_kuma_stretch),
+        'straight_through': dict(temperature=self.straight_through_temperature),
+    }.get(name, {})
 
   def check_num_states(self, num_states: int) -> None:
     """Raises when ``layers`` names a depth the model does not have."""
@@ -117,6 +148,10 @@ class DiffMaskState(NamedTuple):
     running_agreement: ``(num_states,)`` running agreement of masked predictions.
     running_l0: ``(num_states,)`` running fraction of open gates (P(z != 0)).
     running_steps: ``(num_states,)`` int32 steps taken at each depth.
+    score_baseline: ``(num_states,)`` moving average of the divergence at each
+      depth, the REINFORCE baseline (stored without bias correction; see
+      :func:`make_gradient_fn`); ``None`` for every other relaxation, so their
+      states (and checkpoints) keep the fields they always had.
   """
   step: jax.Array
   params: optax.LookaheadParams
@@ -126,6 +161,7 @@ class DiffMaskState(NamedTuple):
   running_agreement: jax.Array
   running_l0: jax.Array
   running_steps: jax.Array
+  score_baseline: jax.Array | None = None
 
   @property
   def probe_params(self):
@@ -180,6 +216,8 @@ def init_state(config: DiffMaskConfig, probe_params, num_states: int) -> DiffMas
       running_agreement=jnp.zeros((num_states,), jnp.float32),
       running_l0=jnp.ones((num_states,), jnp.float32),
       running_steps=jnp.zeros((num_states,), jnp.int32),
+      score_baseline=(jnp.zeros((num_states,), jnp.float32)
+                      if config.gate_relaxation().gradient == relaxations.SCORE_FUNCTION else None),
   )
 
 
@@ -247,6 +285,82 @@ def agreement(reference_outputs: jax.Array, other_outputs: jax.Array) -> jax.Arr
   return same.reshape(same.shape[0], -1).all(axis=-1).astype(jnp.float32)
 
 
+def make_gradient_fn(model: MaskableModel, probe: nn.Module, config: DiffMaskConfig,
+                     axis_name: str | None = None, num_shards: int = 1) -> Callable:
+  """Builds ``gradients(state, frozen_params, batch, key[, margin, layer_index])``.
+
+  It returns ``(loss, aux, probe_grads, multiplier_grads, layer_index)``: the
+  one-sample gradient estimate a train step takes (before the shard mean and
+  the optimisers; see :func:`make_train_step` for the arguments), the
+  Lagrangian's value, the metrics ``aux`` (``divergence``, ``sparsity``,
+  ``keep_fraction``, ``open_fraction``, ``agreement``) and the depth used.
+  Exposed so that the estimator itself can be studied, e.g. its variance over
+  gate-noise draws (``dmx compare relaxations``).
+
+  The gates come from ``config.gate_relaxation()``. With a score-function
+  relaxation (``'reinforce'``) the sampled gates carry no gradient, and the
+  loss gains the REINFORCE surrogate
+  ``mean_batch(stop_gradient(lambda_l * (D - b_l)) * sum_tokens log p(z))``,
+  whose value is subtracted again (the reported loss is the Lagrangian's) but
+  whose gradient is the score-function estimate of ``d E[lambda_l D] / d probe``.
+  ``b_l`` is the bias-corrected moving average of the divergence at depth
+  ``l`` over earlier steps (``state.score_baseline``): it does not depend on
+  this step's sample, so it lowers the variance without adding bias. Padding
+  tokens are left out of ``log p(z)``: the models here never read them.
+  """
+  relaxation = config.gate_relaxation()
+  score_function = relaxation.gradient == relaxations.SCORE_FUNCTION
+
+  def gradients(state: DiffMaskState, frozen_params, batch: dict, key: jax.Array,
+                margin: jax.Array | float | None = None, layer_index: jax.Array | None = None):
+    margin = config.margin if margin is None else margin
+    layer_key, gate_key = jax.random.split(key)
+    outputs, states = clean_pass(model, frozen_params, batch)
+    if layer_index is None:
+      layer_index = jax.random.categorical(layer_key, layer_logits(state, config))
+    mask = batch['mask']
+    if axis_name is None:
+      shard_kwargs = {}
+    else:
+      local_batch = mask.shape[0]
+      shard_kwargs = dict(example_offset=jax.lax.axis_index(axis_name) * local_batch,
+                          global_batch=local_batch * num_shards)
+
+    if score_function:
+      reward_baseline = _corrected_score_baseline(state, layer_index,
+                                                  config.reinforce_baseline_decay)
+
+    def loss_fn(probe_params, multipliers):
+      vote_logits = probe.apply(probe_params, states)
+      baselines = probe.apply(probe_params, method='baseline_vectors')
+      gates, log_keep = probes.sample_gates(config.gate, gate_key, vote_logits, layer_index,
+                                            relaxation=relaxation, **shard_kwargs)
+      masked_outputs = masked_pass(model, frozen_params, batch, states, config.gate, gates,
+                                   baselines, layer_index)
+      divergence = objective.output_divergence(config.divergence, outputs, masked_outputs)
+      sparsity = objective.sparsity_loss(config.sparsity, log_keep, mask)
+      loss = objective.lagrangian(multipliers[layer_index], divergence, margin, sparsity)
+      if score_function:
+        log_prob = probes.sample_log_prob(config.gate, vote_logits, gates, layer_index,
+                                          relaxation=relaxation)
+        example_log_prob = jnp.sum(log_prob * mask.astype(jnp.float32), axis=-1)
+        reward = jax.lax.stop_gradient(multipliers[layer_index] * (divergence - reward_baseline))
+        surrogate = jnp.mean(reward * example_log_prob)
+        loss = loss + (surrogate - jax.lax.stop_gradient(surrogate))
+      aux = dict(divergence=divergence.mean(), sparsity=sparsity.mean(),
+                 keep_fraction=objective.masked_mean(jnp.exp(log_keep), mask).mean(),
+                 open_fraction=objective.masked_mean((gates > 0).astype(jnp.float32), mask).mean(),
+                 agreement=agreement(outputs, masked_outputs).mean())
+      return loss, aux
+
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (loss, aux), (probe_grads, multiplier_grads) = grad_fn(state.params.fast,
+                                                            state.multipliers.fast)
+    return loss, aux, probe_grads, multiplier_grads, layer_index
+
+  return gradients
+
+
 def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConfig,
                     axis_name: str | None = None, num_shards: int = 1
                     ) -> Callable[[DiffMaskState, Any, dict, jax.Array],
@@ -271,47 +385,24 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
   and the gradients of the probe and of the multipliers and the metrics are
   averaged with ``lax.pmean``, so every shard takes the same update as one
   device on the whole batch.
+
+  The gates come from ``config.gate_relaxation()``; the gradient estimate,
+  including REINFORCE's surrogate and baseline, is :func:`make_gradient_fn`'s.
+  With a score-function relaxation the step also moves ``state.score_baseline``
+  of depth ``l`` towards this step's mean divergence (decay
+  ``config.reinforce_baseline_decay``).
   """
   primal, dual = make_optimizers(config)
-  gate_kwargs = dict(temperature=config.temperature, stretch=config.stretch)
+  gradients = make_gradient_fn(model, probe, config, axis_name, num_shards)
+  score_function = config.gate_relaxation().gradient == relaxations.SCORE_FUNCTION
 
   def mean_over_shards(tree):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
   def train_step(state: DiffMaskState, frozen_params, batch: dict, key: jax.Array,
                  margin: jax.Array | float | None = None, layer_index: jax.Array | None = None):
-    margin = config.margin if margin is None else margin
-    layer_key, gate_key = jax.random.split(key)
-    outputs, states = clean_pass(model, frozen_params, batch)
-    if layer_index is None:
-      layer_index = jax.random.categorical(layer_key, layer_logits(state, config))
-    mask = batch['mask']
-    if axis_name is None:
-      shard_kwargs = {}
-    else:
-      local_batch = mask.shape[0]
-      shard_kwargs = dict(example_offset=jax.lax.axis_index(axis_name) * local_batch,
-                          global_batch=local_batch * num_shards)
-
-    def loss_fn(probe_params, multipliers):
-      vote_logits = probe.apply(probe_params, states)
-      baselines = probe.apply(probe_params, method='baseline_vectors')
-      gates, log_keep = probes.sample_gates(config.gate, gate_key, vote_logits, layer_index,
-                                            **gate_kwargs, **shard_kwargs)
-      masked_outputs = masked_pass(model, frozen_params, batch, states, config.gate, gates,
-                                   baselines, layer_index)
-      divergence = objective.output_divergence(config.divergence, outputs, masked_outputs)
-      sparsity = objective.sparsity_loss(config.sparsity, log_keep, mask)
-      loss = objective.lagrangian(multipliers[layer_index], divergence, margin, sparsity)
-      aux = dict(divergence=divergence.mean(), sparsity=sparsity.mean(),
-                 keep_fraction=objective.masked_mean(jnp.exp(log_keep), mask).mean(),
-                 open_fraction=objective.masked_mean((gates > 0).astype(jnp.float32), mask).mean(),
-                 agreement=agreement(outputs, masked_outputs).mean())
-      return loss, aux
-
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-    (loss, aux), (probe_grads, multiplier_grads) = grad_fn(state.params.fast,
-                                                            state.multipliers.fast)
+    loss, aux, probe_grads, multiplier_grads, layer_index = gradients(
+        state, frozen_params, batch, key, margin, layer_index)
     # every shard holds the mean over its rows: the mean of the means is the
     # global mean because the shards are equal in size
     loss, aux, probe_grads, multiplier_grads = mean_over_shards(
@@ -328,15 +419,35 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
         decay * state.running_agreement[layer_index] + (1 - decay) * aux['agreement'])
     running_l0 = state.running_l0.at[layer_index].set(
         decay * state.running_l0[layer_index] + (1 - decay) * aux['keep_fraction'])
+    score_baseline = state.score_baseline
+    if score_function:
+      baseline_decay = config.reinforce_baseline_decay
+      score_baseline = score_baseline.at[layer_index].set(
+          baseline_decay * score_baseline[layer_index] + (1 - baseline_decay) * aux['divergence'])
     new_state = DiffMaskState(
         step=state.step + 1, params=params, opt_state=opt_state, multipliers=multipliers,
         multiplier_opt_state=multiplier_opt_state, running_agreement=running_agreement,
-        running_l0=running_l0, running_steps=state.running_steps.at[layer_index].add(1))
+        running_l0=running_l0, running_steps=state.running_steps.at[layer_index].add(1),
+        score_baseline=score_baseline)
     metrics = dict(aux, loss=loss, layer_index=layer_index,
                    multiplier=state.multipliers.fast[layer_index])
     return new_state, metrics
 
   return train_step
+
+
+def _corrected_score_baseline(state: DiffMaskState, layer_index, decay: float) -> jax.Array:
+  """The REINFORCE baseline of depth ``layer_index``: its moving average, bias-corrected.
+
+  The average starts at 0; after ``n`` steps at that depth dividing by
+  ``1 - decay^n`` makes it a weighted mean of the divergences seen (as in
+  Adam). Before the first step it is 0 (plain REINFORCE).
+  """
+  if state.score_baseline is None:
+    raise ValueError('a score-function relaxation needs a train state from init_state with it')
+  steps = state.running_steps[layer_index].astype(jnp.float32)
+  correction = jnp.maximum(1.0 - decay ** steps, jnp.finfo(jnp.float32).tiny)
+  return jnp.where(steps > 0, state.score_baseline[layer_index] / correction, 0.0)
 
 
 def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskConfig,
@@ -399,7 +510,7 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
 
   def save(state, history):
     metadata = dict(run_metadata, step=int(state.step), history=history)
-    checkpoints.save(checkpoint_dir, jax.device_get(state), metadata)
+    checkpoints.save(checkpoint_dir, jax.device_get(_checkpoint_tree(state)), metadata)
 
   num_states = state.running_steps.shape[0]
   window: list[dict] = []
@@ -437,8 +548,20 @@ def _key_fingerprint(key: jax.Array) -> list[int]:
   return [int(bits) for bits in np.asarray(key).ravel()]
 
 
+# fields added after checkpoints existed: left out of a run's fingerprint while
+# they hold their defaults, so that those checkpoints still resume
+_FIELDS_ADDED_FOR_RELAXATIONS = ('relaxation', 'binary_concrete_temperature', 'hard_kuma_b',
+                                 'hard_kuma_stretch', 'straight_through_temperature',
+                                 'reinforce_baseline_decay')
+
+
 def _jsonable_config(config: DiffMaskConfig) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(config)))
+  values = dataclasses.asdict(config)
+  defaults = DiffMaskConfig()
+  for name in _FIELDS_ADDED_FOR_RELAXATIONS:
+    if values[name] == getattr(defaults, name):
+      del values[name]
+  return json.loads(json.dumps(values))
 
 
 def _resume(checkpoint_dir, state: DiffMaskState, run_metadata: dict):
@@ -457,11 +580,21 @@ def _resume(checkpoint_dir, state: DiffMaskState, run_metadata: dict):
       raise checkpoints.CheckpointError(
           f'checkpoint {checkpoint_dir} belongs to another run ({what}); '
           'delete it or choose another output folder')
-  restored = checkpoints.restore(checkpoint_dir, jax.device_get(state))
+  restored = DiffMaskState(**checkpoints.restore(checkpoint_dir,
+                                                  jax.device_get(_checkpoint_tree(state))))
   if int(restored.step) != metadata.get('step'):
     raise checkpoints.CheckpointError(f'checkpoint {checkpoint_dir} is inconsistent: state at '
                                       f'step {int(restored.step)}, metadata {metadata.get("step")}')
   return jax.tree_util.tree_map(jnp.asarray, restored), list(metadata.get('history', []))
+
+
+def _checkpoint_tree(state: DiffMaskState) -> dict:
+  """The state as saved: a dict of its fields, without those that are None.
+
+  orbax stores a NamedTuple and a dict of its fields alike, so checkpoints
+  written before ``score_baseline`` existed restore into this tree unchanged.
+  """
+  return {name: value for name, value in state._asdict().items() if value is not None}
 
 
 def _summarise(window: list[dict], num_states: int) -> dict:

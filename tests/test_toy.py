@@ -133,3 +133,37 @@ def test_classifier_loss_matches_numpy_reference():
   flat = jnp.zeros((6, 2))
   np.testing.assert_allclose(float(classifier_loss(flat, jnp.asarray(labels), 0.1)),
                              np.log(2) - 0.1 * np.log(6), rtol=1e-5)
+
+
+def test_table1_entry_reports_an_infinite_kl_as_none():
+  from dmx.pipelines.toy import score_attribution
+  reference = np.array([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+  mask = np.ones((3, 3), bool)
+  delta = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+  entry = score_attribution(reference, delta, mask)
+  # row 0 misses half the ground truth (infinite KL), row 1 has no ground truth, row 2 is exact
+  assert entry['kl'] is None and entry['infinite_kl_examples'] == 1 and entry['num_examples'] == 2
+  js_half = 0.5 * (0.5 * np.log(0.5 / 0.25) + np.log(1 / 0.75) + 0.5 * np.log(0.5 / 0.75))
+  np.testing.assert_allclose(entry['js'], js_half / 2, rtol=1e-9)
+  uniform = score_attribution(reference, np.ones((3, 3)), mask)
+  assert uniform['kl'] is not None and uniform['infinite_kl_examples'] == 0
+
+
+def test_table1_checks_follow_the_numbers():
+  from dmx.pipelines.compare_methods import table1_checks
+  methods = {'diffmask_hidden': dict(kl=0.01, js=0.005),
+             'integrated_gradients': dict(kl=0.5, js=0.25),  # 0.11 from the paper's 0.14
+             'erasure': dict(kl=None, js=0.26, settings=dict(single_position_fraction=1.0))}
+  checks = table1_checks(methods)
+  assert checks['diffmask_best_kl'] and checks['diffmask_best_js'] and checks['erasure_delta']
+  assert checks['js_within_tolerance'] == {'integrated_gradients': False, 'erasure': True}
+  methods['integrated_gradients']['js'] = 0.004
+  assert not table1_checks(methods)['diffmask_best_js']
+
+
+def test_run_toy_rejects_unknown_baselines(tmp_path):
+  from dmx.pipelines.toy import ToyExperimentConfig, run_toy
+  with pytest.raises(ValueError, match='unknown baselines'):
+    run_toy(ToyExperimentConfig.tiny(), tmp_path, baseline_names=('attention',))
+  with pytest.raises(ValueError, match='baseline_examples'):
+    ToyExperimentConfig(baseline_examples=-1)

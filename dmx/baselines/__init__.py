@@ -2,9 +2,31 @@
 
 Each baseline is a pure JAX function of a :class:`dmx.models.base.MaskableModel`,
 its frozen parameters and a batch, so it runs on any model DiffMask runs on.
+Every one reads and replaces the state it attributes to through
+``forward_from``, DiffMask's injection point, and returns per-token scores
+``(batch, seq)`` (zero on padding):
+
+* :func:`integrated_gradients` (Sundararajan et al., 2017);
+* :func:`gradient_attribution`: plain gradients and gradient x input;
+* :func:`information_bottleneck` (Schulz et al., 2020);
+* :func:`guan_noise_scales` (Guan et al., 2019);
+* :func:`erasure_search`: exact erasure, smallest kept subsets first;
+* :func:`occlusion` (leave-one-out) and :func:`lime`.
 """
 
+from dmx.baselines.erasure import ErasureBudgetExceeded, ErasureResult, erasure_search
+from dmx.baselines.gradients import GradientAttribution, gradient_attribution
+from dmx.baselines.guan import NoiseScaleAttribution, guan_noise_scales
 from dmx.baselines.integrated_gradients import (
     INTEGRATION_RULES, IntegratedGradients, integrated_gradients, path_alphas)
+from dmx.baselines.lime import LimeAttribution, lime, lime_masks
+from dmx.baselines.occlusion import OcclusionAttribution, occlusion
+from dmx.baselines.schulz import (SCHULZ_ATTRIBUTIONS, BottleneckAttribution,
+                                  information_bottleneck, state_statistics)
 
-__all__ = ['INTEGRATION_RULES', 'IntegratedGradients', 'integrated_gradients', 'path_alphas']
+__all__ = ['INTEGRATION_RULES', 'SCHULZ_ATTRIBUTIONS', 'BottleneckAttribution',
+           'ErasureBudgetExceeded', 'ErasureResult', 'GradientAttribution', 'IntegratedGradients',
+           'LimeAttribution', 'NoiseScaleAttribution', 'OcclusionAttribution', 'erasure_search',
+           'gradient_attribution', 'guan_noise_scales', 'information_bottleneck',
+           'integrated_gradients', 'lime', 'lime_masks', 'occlusion', 'path_alphas',
+           'state_statistics']
