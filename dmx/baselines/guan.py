@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dmx.baselines.common import (check_classifier_outputs, check_layer_index, outputs_with_state,
-                                  resolve_target)
+from dmx.baselines.common import check_classifier_outputs, check_layer_index, outputs_with_state
 from dmx.baselines.schulz import per_example_optimizer
 from dmx.models.base import MaskableModel
 
