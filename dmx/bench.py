@@ -66,7 +66,7 @@ import numpy as np
 from dmx.models.bert import BertConfig, BertModel
 from dmx.probes import DiffMaskProbe
 from dmx.train import (DiffMaskConfig, init_probe_params, init_state,
-                       make_train_step)
+                       make_train_step, masked_pass)
 
 SIZES = ('tiny', 'minilm', 'base')
 IMPLS = ('jax', 'torch')
@@ -327,13 +327,12 @@ def _jax_forward_part(config: BertConfig, data: dict, seq: int, part: str):
   if part == 'clean':
     forward = jax.jit(model.forward)
     return lambda: jax.block_until_ready(forward(frozen, data))
-  from dmx.probes import replace_with_baseline  # pylint: disable=import-outside-toplevel
   _, states = jax.jit(model.forward)(frozen, data)
-  baseline = jnp.zeros((config.hidden_size,), jnp.float32)
+  baselines = (jnp.zeros((config.hidden_size,), jnp.float32),)
 
   def masked_logits(gates):
-    intervention = lambda index, state: replace_with_baseline(state, gates, baseline)
-    return model.forward_from(frozen, data, states, 0, intervention)
+    # the input-gate masked pass exactly as the train step runs it
+    return masked_pass(model, frozen, data, states, 'input', gates, baselines, 0)
 
   gates = jnp.full(data['mask'].shape, _PART_GATE, jnp.float32)
   if part == 'masked':

@@ -548,25 +548,18 @@ def _key_fingerprint(key: jax.Array) -> list[int]:
   return [int(bits) for bits in np.asarray(key).ravel()]
 
 
-# fields added after checkpoints existed: left out of a run's fingerprint while
-# they hold their defaults, so that those checkpoints still resume
-_FIELDS_ADDED_FOR_RELAXATIONS = ('relaxation', 'binary_concrete_temperature', 'hard_kuma_b',
-                                 'hard_kuma_stretch', 'straight_through_temperature',
-                                 'reinforce_baseline_decay')
-
-
 def _jsonable_config(config: DiffMaskConfig) -> dict:
-  values = dataclasses.asdict(config)
-  defaults = DiffMaskConfig()
-  for name in _FIELDS_ADDED_FOR_RELAXATIONS:
-    if values[name] == getattr(defaults, name):
-      del values[name]
-  return json.loads(json.dumps(values))
+  return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def _resume(checkpoint_dir, state: DiffMaskState, run_metadata: dict):
   """The checkpointed state and history, after checking they belong to this run."""
   metadata = checkpoints.read_metadata(checkpoint_dir)
+  if isinstance(metadata.get('diffmask_config'), dict):
+    # a field the checkpoint does not name was added to DiffMaskConfig after it
+    # was written, with a default that keeps the old behaviour: that run used it
+    metadata['diffmask_config'] = {**_jsonable_config(DiffMaskConfig()),
+                                   **metadata['diffmask_config']}
   for name, expected in run_metadata.items():
     if metadata.get(name) != expected:
       if name in ('diffmask_config', 'run_info') and isinstance(metadata.get(name), dict):

@@ -27,6 +27,15 @@ def minilm_tokenizer(minilm_folder):
   return transformers.AutoTokenizer.from_pretrained(str(minilm_folder))
 
 
+def tiny_toy(num_examples: int, data_seed: int = 0):
+  """``(model, frozen_params, batch)``: the tiny toy classifier (random, key 0) and one toy batch."""
+  from dmx.data.toy import generate_toy_data  # pylint: disable=import-outside-toplevel
+  from dmx.models.toy import ToyModel, ToyModelConfig  # pylint: disable=import-outside-toplevel
+  model = ToyModel(ToyModelConfig.tiny())
+  return (model, model.init(jax.random.key(0)),
+          generate_toy_data(data_seed, num_examples=num_examples).as_batch())
+
+
 def tiny_bert(tokenizer, seed: int, **overrides):
   """``(model, params)`` of a random 2-layer BERT over ``tokenizer``'s vocabulary (128 positions)."""
   from dmx.models.bert import BertConfig, BertModel  # pylint: disable=import-outside-toplevel

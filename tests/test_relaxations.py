@@ -19,6 +19,7 @@ estimator ``f(z) d log p(z) / da`` averages to the analytic
 
 import dataclasses
 import functools
+import itertools
 import json
 
 import jax
@@ -27,9 +28,10 @@ import numpy as np
 import pytest
 from scipy import integrate, special
 
-from dmx import probes, relaxations, train
+from dmx import checkpoint, probes, relaxations, train
 from dmx.data.toy import generate_toy_data
 from dmx.models.toy import ToyModel, ToyModelConfig
+from tests.conftest import tiny_toy
 
 NUM_SAMPLES = 100_000
 SAMPLE_LOGITS = (-2.0, 0.0, 1.5)
@@ -562,15 +564,38 @@ def test_config_builds_the_named_relaxation():
                              relaxations.hard_kuma(1.5, (-0.2, 1.0)).prob_zero(0.3))
 
 
-def test_default_config_fingerprint_is_unchanged_by_relaxation_fields():
-  """Checkpoints written before relaxations existed must still resume."""
-  fingerprint = train._jsonable_config(train.DiffMaskConfig())  # pylint: disable=protected-access
-  assert not set(fingerprint) & {'relaxation', 'binary_concrete_temperature', 'hard_kuma_b',
-                                 'hard_kuma_stretch', 'straight_through_temperature',
-                                 'reinforce_baseline_decay'}
-  other = train._jsonable_config(train.DiffMaskConfig(relaxation='reinforce'))  # pylint: disable=protected-access
-  assert other['relaxation'] == 'reinforce'
-  assert json.loads(json.dumps(other)) == other
+def test_checkpoint_from_before_relaxations_still_resumes(tmp_path):
+  """A checkpoint whose config lacks the relaxation fields resumes as Hard Concrete, else is refused."""
+  model, frozen, batch = tiny_toy(16)
+  probe = probes.DiffMaskProbe(gate='hidden', state_dims=model.state_dims, hidden_size=8)
+  params = train.init_probe_params(jax.random.key(1), model, probe, frozen, batch)
+
+  def fit(config, steps, folder):
+    state = train.init_state(config, params, len(model.state_dims))
+    return train.fit(model, frozen, probe, config, state, itertools.repeat(batch), steps,
+                     jax.random.key(2), progress=False, checkpoint_dir=folder, checkpoint_every=2)
+
+  config = train.DiffMaskConfig(warmup_steps=2)
+  reference, _ = fit(config, 4, tmp_path / 'reference')
+  folder = tmp_path / 'old'
+  with pytest.raises(ValueError, match='ran out'):  # dies after the checkpoint of step 2
+    state = train.init_state(config, params, len(model.state_dims))
+    train.fit(model, frozen, probe, config, state, iter([batch] * 3), 4, jax.random.key(2),
+              progress=False, checkpoint_dir=folder, checkpoint_every=2)
+  metadata_file = folder / 'metadata.json'
+  metadata = json.loads(metadata_file.read_text())
+  added = {'relaxation', 'binary_concrete_temperature', 'hard_kuma_b', 'hard_kuma_stretch',
+           'straight_through_temperature', 'reinforce_baseline_decay'}
+  assert added <= set(metadata['diffmask_config'])
+  metadata['diffmask_config'] = {name: value for name, value in metadata['diffmask_config'].items()
+                                 if name not in added}  # as written before relaxations existed
+  metadata_file.write_text(json.dumps(metadata))
+
+  resumed, _ = fit(config, 4, folder)
+  for ours, theirs in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(reference)):
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+  with pytest.raises(checkpoint.CheckpointError, match='relaxation'):
+    fit(train.DiffMaskConfig(warmup_steps=2, relaxation='reinforce'), 4, folder)
 
 
 # ----------------------------------------------------------------------------
@@ -579,10 +604,7 @@ def test_default_config_fingerprint_is_unchanged_by_relaxation_fields():
 
 @pytest.fixture(scope='module')
 def toy_setup():
-  model = ToyModel(ToyModelConfig.tiny())
-  frozen = model.init(jax.random.key(0))
-  data = generate_toy_data(0, num_examples=48)
-  return model, frozen, data.as_batch()
+  return tiny_toy(48)
 
 
 def _train(toy_setup, relaxation, gate, steps, **overrides):
@@ -641,7 +663,6 @@ def test_reinforce_step_gradient_is_unbiased_for_the_exact_expected_loss():
   composed log-probability too (hidden gates score one vote with the same code).
   Leaving the multiplier out of the reward fails this test."""
   gate = 'input'
-  import itertools  # pylint: disable=import-outside-toplevel
   from dmx import objective  # pylint: disable=import-outside-toplevel
   model = ToyModel(ToyModelConfig.tiny())
   frozen = model.init(jax.random.key(0), 3)

@@ -7,6 +7,7 @@ import pytest
 
 from dmx.data.toy import generate_toy_data, ground_truth_attribution, iterate_batches, split_toy_data
 from dmx.models.toy import ToyModel, ToyModelConfig, accuracy, classifier_loss, train_toy_model
+from tests.conftest import tiny_toy
 
 
 def test_generator_statistics_and_labels():
@@ -60,10 +61,7 @@ def test_ground_truth_uniform_over_query_digits():
 
 @pytest.fixture(scope='module')
 def tiny_model():
-  model = ToyModel(ToyModelConfig.tiny())
-  params = model.init(jax.random.key(0))
-  batch = generate_toy_data(0, 8).as_batch()
-  return model, params, batch
+  return tiny_toy(8)
 
 
 def test_states_shapes(tiny_model):

@@ -8,16 +8,12 @@ import numpy as np
 import pytest
 
 from dmx import probes, train
-from dmx.data.toy import generate_toy_data
-from dmx.models.toy import ToyModel, ToyModelConfig
+from tests.conftest import tiny_toy
 
 
 @pytest.fixture(scope='module')
 def toy_setup():
-  model = ToyModel(ToyModelConfig.tiny())
-  frozen = model.init(jax.random.key(0))
-  data = generate_toy_data(0, num_examples=32)
-  return model, frozen, data.as_batch()
+  return tiny_toy(32)
 
 
 def _state(model, frozen, batch, config, initial_logit=5.0):

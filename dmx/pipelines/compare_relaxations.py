@@ -44,7 +44,6 @@ import numpy as np
 import optax
 
 from dmx import attribute, checkpoint, metrics, probes, relaxations, train, viz
-from dmx.data.common import endless_batches
 from dmx.data.toy import generate_toy_data, ground_truth_attribution, split_toy_data
 from dmx.models.toy import STATE_NAMES, accuracy
 from dmx.pipelines import toy as toy_pipeline
@@ -193,19 +192,13 @@ def run_compare_relaxations(config: RelaxationComparisonConfig, out_dir: str | P
   val_batch = validation.as_batch()
   variance_batch = {name: value[:toy.diffmask_batch_size] for name, value in val_batch.items()}
   layer = toy_pipeline.FEEDFORWARD_STATE
-  # the gate's index in dmx toy's loop: its batch order and keys are this run's
-  gate_index = probes.GATES.index(config.gate)
 
   rows, details = {}, {}
   for name in config.names:
     dm_config = config.diffmask_config(name)
-    probe = probes.DiffMaskProbe(gate=config.gate, state_dims=model.state_dims,
-                                 form=toy.probe_form, hidden_size=toy.probe_hidden_size)
-    batches = endless_batches(train_data, toy.diffmask_batch_size, toy.seed + 1 + gate_index)
-    probe_key, run_key = jax.random.split(jax.random.fold_in(jax.random.key(toy.seed),
-                                                             gate_index))
-    probe_params = train.init_probe_params(probe_key, model, probe, frozen_params, next(batches))
-    initial_state = train.init_state(dm_config, probe_params, len(model.state_dims))
+    # dmx toy's start for this gate: same batches, keys and initial probe
+    probe, initial_state, batches, run_key = toy_pipeline.start_toy_probe(
+        toy, model, frozen_params, train_data, dm_config)
     variance = make_gradient_variance_fn(model, frozen_params, probe, dm_config, variance_batch,
                                          config.variance_draws, layer)
     variance_key = jax.random.fold_in(run_key, 2**31 - 1)  # not a step key of the run

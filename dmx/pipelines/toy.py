@@ -148,6 +148,29 @@ def load_or_train_model(config: ToyExperimentConfig, train_data: ToyData, checkp
   return model, params, False
 
 
+def start_toy_probe(config: ToyExperimentConfig, model: ToyModel, frozen_params,
+                    train_data: ToyData, dm_config: train.DiffMaskConfig):
+  """A DiffMask probe for ``dm_config.gate`` as ``dmx toy`` starts it, ready for :func:`train.fit`.
+
+  The batch order and keys depend only on ``config.seed`` and the gate, so
+  every run that starts its probe here (``dmx toy``, ``dmx compare
+  relaxations``) trains on the same batches from the same initial probe.
+
+  Returns:
+    ``(probe, state, batches, run_key)``: the probe module, its initial
+    :class:`train.DiffMaskState`, the endless training batches (one already
+    drawn to initialise the probe) and the key to pass to :func:`train.fit`.
+  """
+  gate_index = probes.GATES.index(dm_config.gate)
+  probe = probes.DiffMaskProbe(gate=dm_config.gate, state_dims=model.state_dims,
+                               form=config.probe_form, hidden_size=config.probe_hidden_size)
+  batches = endless_batches(train_data, config.diffmask_batch_size, config.seed + 1 + gate_index)
+  probe_key, run_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), gate_index))
+  probe_params = train.init_probe_params(probe_key, model, probe, frozen_params, next(batches))
+  state = train.init_state(dm_config, probe_params, len(model.state_dims))
+  return probe, state, batches, run_key
+
+
 def run_toy(config: ToyExperimentConfig, out_dir: str | Path, *, progress: bool = True,
             log: Callable[[str], None] = print, baseline_names: Sequence[str] = TABLE1_BASELINES,
             model_dir: str | Path | None = None) -> dict:
@@ -178,14 +201,10 @@ def run_toy(config: ToyExperimentConfig, out_dir: str | Path, *, progress: bool 
   val_batch = validation.as_batch()
   methods, per_layer, histories, keep_probs = {}, {}, {}, {}
   erased_vector = None  # what DiffMask's hidden gates put in place of a masked h1
-  for gate_index, gate in enumerate(('input', 'hidden')):
+  for gate in ('input', 'hidden'):
     dm_config = toy_diffmask_config(gate, config.sparsity)
-    probe = probes.DiffMaskProbe(gate=gate, state_dims=model.state_dims, form=config.probe_form,
-                                 hidden_size=config.probe_hidden_size)
-    batches = endless_batches(train_data, config.diffmask_batch_size, config.seed + 1 + gate_index)
-    probe_key, run_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), gate_index))
-    probe_params = train.init_probe_params(probe_key, model, probe, frozen_params, next(batches))
-    state = train.init_state(dm_config, probe_params, len(model.state_dims))
+    probe, state, batches, run_key = start_toy_probe(config, model, frozen_params, train_data,
+                                                     dm_config)
     state, history = train.fit(model, frozen_params, probe, dm_config, state, batches,
                                config.diffmask_steps, run_key, progress=progress,
                                description=f'diffmask {gate}')
