@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from dmx import bench, cli
-from dmx.baselines import integrated_gradients, path_alphas
+from dmx.baselines import integrated_gradients, path_quadrature
 from dmx.models import hf_import
 from dmx.models.bert import BertModel
 from dmx.probes import DiffMaskProbe
@@ -194,37 +194,70 @@ class QuadraticModel:
     return jnp.einsum('cd,bsd->bc', params, state ** 2)
 
 
-@pytest.mark.parametrize('rule, factor', [('right', 1.0 + 1.0 / 7), ('midpoint', 1.0)])
-@pytest.mark.parametrize('path_batch_size', [None, 3])
-def test_integrated_gradients_on_a_quadratic(rule, factor, path_batch_size):
+def _quadratic_case():
   rng = np.random.default_rng(0)
   weights = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
   batch = {'h': jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32),
            'mask': jnp.ones((2, 5), bool)}
   target = jnp.asarray([1, 3])
-  result = jax.jit(lambda batch: integrated_gradients(
-      QuadraticModel(), weights, batch, steps=7, rule=rule, target=target,
-      path_batch_size=path_batch_size))(batch)
   exact = np.asarray(weights)[np.asarray(target)][:, None, :] * np.asarray(batch['h']) ** 2
+  return weights, batch, target, exact
+
+
+# a right Riemann sum of the linear integrand 2a over 7 points is (1 + 1/7); the
+# original code's extra factor a makes it 2a^2, whose integral is 2/3 (midpoint over
+# 7 points: 2/3 - 1/(6 * 49); Gauss-Legendre with 2+ points is exact for it)
+@pytest.mark.parametrize('rule, variant, factor', [
+    ('right', 'paper', 1.0 + 1.0 / 7), ('midpoint', 'paper', 1.0),
+    ('gauss_legendre', 'paper', 1.0), ('gauss_legendre', 'original', 2.0 / 3.0),
+    ('midpoint', 'original', 2.0 / 3.0 - 1.0 / (6 * 49))])
+@pytest.mark.parametrize('path_batch_size', [None, 3])
+@pytest.mark.parametrize('use_jit', [True, False])
+def test_integrated_gradients_on_a_quadratic(rule, variant, factor, path_batch_size, use_jit):
+  weights, batch, target, exact = _quadratic_case()
+  run = lambda batch: integrated_gradients(QuadraticModel(), weights, batch, steps=7, rule=rule,
+                                           variant=variant, target=target,
+                                           path_batch_size=path_batch_size)
+  result = (jax.jit(run) if use_jit else run)(batch)
   np.testing.assert_allclose(result.attributions, factor * exact, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(result.token_scores, factor * exact.sum(-1), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(result.convergence_delta, (factor - 1.0) * exact.sum((1, 2)),
                              rtol=1e-4, atol=1e-5)
 
 
-def test_path_alphas():
-  np.testing.assert_allclose(path_alphas(4), [0.25, 0.5, 0.75, 1.0])
-  np.testing.assert_allclose(path_alphas(4, 'midpoint'), [0.125, 0.375, 0.625, 0.875])
+def test_gauss_legendre_is_exact_for_polynomials_of_degree_below_twice_the_steps():
+  """The quadrature integrates a^k exactly for k < 2 * steps, in float64 numpy."""
+  for steps in (1, 3, 6):
+    alphas, weights = path_quadrature(steps, 'gauss_legendre')
+    assert np.all((alphas > 0) & (alphas < 1))
+    for power in range(2 * steps):
+      np.testing.assert_allclose(np.sum(weights.astype(np.float64) * alphas.astype(np.float64)
+                                        ** power), 1.0 / (power + 1), rtol=1e-6)
+
+
+def test_path_quadrature():
+  alphas, weights = path_quadrature(4)
+  np.testing.assert_allclose(alphas, [0.25, 0.5, 0.75, 1.0])
+  np.testing.assert_allclose(weights, [0.25] * 4)
+  np.testing.assert_allclose(path_quadrature(4, 'midpoint')[0], [0.125, 0.375, 0.625, 0.875])
+  for rule in ('right', 'midpoint', 'gauss_legendre'):
+    np.testing.assert_allclose(path_quadrature(5, rule)[1].sum(), 1.0, rtol=1e-6)
   for steps, rule in ((0, 'right'), (3, 'trapezoid')):
-    with pytest.raises(ValueError):
-      path_alphas(steps, rule)
+    with pytest.raises(ValueError, match='steps|rule'):
+      path_quadrature(steps, rule)
+
+
+def test_integrated_gradients_rejects_an_unknown_variant():
+  weights, batch, target, _ = _quadratic_case()
+  with pytest.raises(ValueError, match="variant must be one of"):
+    integrated_gradients(QuadraticModel(), weights, batch, steps=2, variant='captum')
 
 
 def test_integrated_gradients_completeness_on_bert(tiny_classifier):
   """Attributions to h0 sum to f(x) - f(baseline) of the predicted logit."""
   _, model, params, batch = tiny_classifier
   result = jax.jit(lambda params, batch: integrated_gradients(
-      model, params, batch, steps=64, rule='midpoint', path_batch_size=16))(params, batch)
+      model, params, batch, steps=16, rule='gauss_legendre', path_batch_size=8))(params, batch)
   outputs = model.forward(params, batch)[0]
   np.testing.assert_array_equal(result.target, np.argmax(outputs, axis=-1))
   assert result.attributions.shape == batch['input_ids'].shape + (model.config.hidden_size,)

@@ -105,7 +105,7 @@ def test_compare_toy_reuses_a_model_and_writes_both_reports(tmp_path, capsys):
   out = tmp_path / 'compare'
   assert cli.main(['compare', 'toy', '--out', str(out), '--model', str(model_dir),
                    '--diffmask-steps', '0', '--baseline-steps', '5', '--ig-steps', '3',
-                   '--examples', '10', '--no-progress']) == 0
+                   '--ig-variant', 'original', '--examples', '10', '--no-progress']) == 0
   report = json.loads((out / 'report.json').read_text())
   assert report['model']['reused_checkpoint'] is True
   assert report['config']['num_examples'] == 300  # read from the model's metadata
@@ -117,6 +117,7 @@ def test_compare_toy_reuses_a_model_and_writes_both_reports(tmp_path, capsys):
   assert set(report['checks']['js_within_tolerance']) == {'integrated_gradients', 'schulz',
                                                           'guan', 'erasure'}
   assert report['paper']['table1']['schulz'] == {'kl': 1.21, 'js': 0.19}
+  assert report['methods']['integrated_gradients']['settings']['variant'] == 'original'
   markdown = (out / 'report.md').read_text()
   assert '| exact erasure search (`erasure`) |' in markdown and '0.260' in markdown
   assert report['command'] in markdown

@@ -165,3 +165,5 @@ def test_run_toy_rejects_unknown_baselines(tmp_path):
     run_toy(ToyExperimentConfig.tiny(), tmp_path, baseline_names=('attention',))
   with pytest.raises(ValueError, match='baseline_examples'):
     ToyExperimentConfig(baseline_examples=-1)
+  with pytest.raises(ValueError, match='ig_variant must be one of'):
+    ToyExperimentConfig(ig_variant='captum')

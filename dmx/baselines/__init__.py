@@ -18,15 +18,15 @@ from dmx.baselines.erasure import ErasureBudgetExceeded, ErasureResult, erasure_
 from dmx.baselines.gradients import GradientAttribution, gradient_attribution
 from dmx.baselines.guan import NoiseScaleAttribution, guan_noise_scales
 from dmx.baselines.integrated_gradients import (
-    INTEGRATION_RULES, IntegratedGradients, integrated_gradients, path_alphas)
+    IG_VARIANTS, INTEGRATION_RULES, IntegratedGradients, integrated_gradients, path_quadrature)
 from dmx.baselines.lime import LimeAttribution, lime, lime_masks
 from dmx.baselines.occlusion import OcclusionAttribution, occlusion
 from dmx.baselines.schulz import (SCHULZ_ATTRIBUTIONS, BottleneckAttribution,
                                   information_bottleneck, state_statistics)
 
-__all__ = ['INTEGRATION_RULES', 'SCHULZ_ATTRIBUTIONS', 'BottleneckAttribution',
+__all__ = ['IG_VARIANTS', 'INTEGRATION_RULES', 'SCHULZ_ATTRIBUTIONS', 'BottleneckAttribution',
            'ErasureBudgetExceeded', 'ErasureResult', 'GradientAttribution', 'IntegratedGradients',
            'LimeAttribution', 'NoiseScaleAttribution', 'OcclusionAttribution', 'erasure_search',
            'gradient_attribution', 'guan_noise_scales', 'information_bottleneck',
-           'integrated_gradients', 'lime', 'lime_masks', 'occlusion', 'path_alphas',
+           'integrated_gradients', 'lime', 'lime_masks', 'occlusion', 'path_quadrature',
            'state_statistics']

@@ -5,18 +5,25 @@ the target-class logit ``f``, integrated gradients attribute
 
     IG_i(x) = (x_i - x'_i) * integral_0^1 df/dx_i(x' + a (x - x')) da
 
-to every coordinate, here approximated by a Riemann sum over ``steps`` points
-of the straight path. Completeness: ``sum_i IG_i = f(x) - f(x')`` up to the
-quadrature error, which :attr:`IntegratedGradients.convergence_delta` reports.
+to every coordinate, here approximated by a quadrature over ``steps`` points
+of the straight path: a right or midpoint Riemann sum, or Gauss-Legendre
+(exact for integrands polynomial in ``a`` of degree < ``2 * steps``, so the
+cheapest for smooth models). Completeness: ``sum_i IG_i = f(x) - f(x')`` up to
+the quadrature error, which :attr:`IntegratedGradients.convergence_delta`
+reports.
 
 The state is replaced through ``forward_from``, the injection point DiffMask
 uses, so ``layer_index=0`` attributes to the raw word embeddings (position and
 token-type embeddings and LayerNorm are recomputed on the path, as for an
 input gate) and ``layer_index=l`` to the hidden state ``h_l``.
 
-The gradient is taken at the path point with respect to the path point, as
-the paper defines it. (The original DiffMask code differentiated ``f(a * h)``
-with respect to ``h``, which scales every gradient by ``a``.)
+``variant='paper'`` (default) takes the gradient at the path point with
+respect to the path point, as Sundararajan et al. and the DiffMask paper
+define it. ``variant='original'`` reproduces the released DiffMask code, which
+differentiated ``f(x' + a (x - x'))`` with respect to ``x`` rather than to the
+path point, so every gradient carries an extra factor ``a``: the integral
+weights points near the input more, and completeness no longer holds (its
+``convergence_delta`` is then the variant's deviation, not a quadrature error).
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ import numpy as np
 
 from dmx.models.base import MaskableModel
 
-INTEGRATION_RULES = ('right', 'midpoint')
+INTEGRATION_RULES = ('right', 'midpoint', 'gauss_legendre')
+IG_VARIANTS = ('paper', 'original')
 
 
 class IntegratedGradients(NamedTuple):
@@ -49,29 +57,36 @@ class IntegratedGradients(NamedTuple):
   convergence_delta: jax.Array
 
 
-def path_alphas(steps: int, rule: str = 'right') -> np.ndarray:
-  """The ``(steps,)`` interpolation coefficients in ``(0, 1]`` of a Riemann sum.
+def path_quadrature(steps: int, rule: str = 'right') -> tuple[np.ndarray, np.ndarray]:
+  """``(alphas, weights)``, each ``(steps,)``: ``integral_0^1 g ~ sum_k weights_k g(alphas_k)``.
 
-  ``'right'`` is the paper's ``k / steps`` for ``k = 1..steps``; ``'midpoint'``
-  uses ``(k - 1/2) / steps``, exact for integrands linear in ``a``.
+  ``'right'`` is the paper's ``alphas = k / steps`` for ``k = 1..steps``;
+  ``'midpoint'`` uses ``(k - 1/2) / steps``, exact for integrands linear in
+  ``a``; both weigh every point ``1 / steps``. ``'gauss_legendre'`` takes the
+  Gauss-Legendre nodes and weights mapped to ``(0, 1)``. The weights sum to 1.
   """
   if steps < 1:
     raise ValueError(f'steps must be >= 1, got {steps}')
+  uniform = np.full(steps, 1.0 / steps, np.float32)
   if rule == 'right':
-    return np.arange(1, steps + 1, dtype=np.float32) / steps
+    return np.arange(1, steps + 1, dtype=np.float32) / steps, uniform
   if rule == 'midpoint':
-    return (np.arange(steps, dtype=np.float32) + 0.5) / steps
+    return (np.arange(steps, dtype=np.float32) + 0.5) / steps, uniform
+  if rule == 'gauss_legendre':
+    nodes, weights = np.polynomial.legendre.leggauss(steps)  # on [-1, 1], weights sum to 2
+    return ((nodes + 1.0) / 2.0).astype(np.float32), (weights / 2.0).astype(np.float32)
   raise ValueError(f'rule must be one of {INTEGRATION_RULES}, got {rule!r}')
 
 
 def integrated_gradients(model: MaskableModel, params, batch: dict, *, layer_index: int = 0,
                          steps: int = 50, baseline: jax.Array | None = None,
                          target: jax.Array | None = None, rule: str = 'right',
+                         variant: str = 'paper',
                          path_batch_size: int | None = None) -> IntegratedGradients:
   """Integrated gradients of the target-class logit with respect to state ``h_l``.
 
-  Jittable (close over or mark static ``layer_index``, ``steps``, ``rule`` and
-  ``path_batch_size``).
+  Jittable (close over or mark static ``layer_index``, ``steps``, ``rule``,
+  ``variant`` and ``path_batch_size``).
 
   Args:
     model: a classifier: outputs ``(batch, classes)``.
@@ -81,14 +96,23 @@ def integrated_gradients(model: MaskableModel, params, batch: dict, *, layer_ind
     steps: points on the path (the cost is ``steps`` forward and backward passes).
     baseline: ``x'``, broadcastable to ``(batch, seq, dim)``; zeros when ``None``.
     target: ``(batch,)`` classes to explain; the clean prediction when ``None``.
-    rule: ``'right'`` or ``'midpoint'`` Riemann sum (see :func:`path_alphas`).
+    rule: ``'right'`` or ``'midpoint'`` Riemann sum or ``'gauss_legendre'``
+      (see :func:`path_quadrature`).
+    variant: ``'paper'`` (the path point's gradient) or ``'original'`` (the
+      released DiffMask code's gradient with respect to the input, ``a`` times
+      larger; see the module docstring).
     path_batch_size: path points evaluated together (vectorised); ``None``
       evaluates all ``steps`` at once. Smaller values trade speed for memory.
 
   Returns:
     :class:`IntegratedGradients`.
   """
-  alphas = path_alphas(steps, rule)
+  if variant not in IG_VARIANTS:
+    raise ValueError(f'variant must be one of {IG_VARIANTS}, got {variant!r}')
+  alphas, quadrature_weights = path_quadrature(steps, rule)
+  if variant == 'original':
+    # d f(x' + a (x - x')) / dx = a * (the path point's gradient)
+    quadrature_weights = quadrature_weights * alphas
   chunk = steps if path_batch_size is None else path_batch_size
   if chunk < 1:
     raise ValueError(f'path_batch_size must be >= 1, got {path_batch_size}')
@@ -117,7 +141,7 @@ def integrated_gradients(model: MaskableModel, params, batch: dict, *, layer_ind
   num_chunks = math.ceil(steps / chunk)
   padding = num_chunks * chunk - steps
   chunk_alphas = np.concatenate([alphas, np.zeros(padding, np.float32)]).reshape(num_chunks, chunk)
-  chunk_weights = np.concatenate([np.ones(steps, np.float32),
+  chunk_weights = np.concatenate([quadrature_weights,
                                   np.zeros(padding, np.float32)]).reshape(num_chunks, chunk)
 
   def accumulate(total, inputs):
@@ -127,7 +151,7 @@ def integrated_gradients(model: MaskableModel, params, batch: dict, *, layer_ind
 
   gradient_sum, _ = jax.lax.scan(accumulate, jnp.zeros_like(state),
                                  (jnp.asarray(chunk_alphas), jnp.asarray(chunk_weights)))
-  attributions = difference * gradient_sum / steps
+  attributions = difference * gradient_sum
   clean = jnp.take_along_axis(outputs.astype(jnp.float32), target[:, None], axis=-1)[:, 0]
   gap = clean - target_logits(baseline).astype(jnp.float32)
   token_scores = attributions.sum(axis=-1)

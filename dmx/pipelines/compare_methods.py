@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from dmx import checkpoint
+from dmx import baselines, checkpoint
 from dmx.models.toy import ToyModelConfig
 from dmx.pipelines.toy import (BASELINES, ERASED_STATES, TABLE1_BASELINES, ToyExperimentConfig,
                                run_toy)
@@ -202,6 +202,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='optimisation steps of Schulz et al. and Guan et al. per example')
   parser.add_argument('--ig-steps', type=int, default=defaults.ig_steps,
                       help='integrated-gradients path points')
+  parser.add_argument('--ig-variant', choices=baselines.IG_VARIANTS, default=defaults.ig_variant,
+                      help='paper: gradient at the path point (Sundararajan et al.); original: '
+                      'the released DiffMask code\'s gradient with respect to the input, '
+                      'an extra factor alpha')
   parser.add_argument('--erased-state', choices=ERASED_STATES, default=defaults.erased_state,
                       help='what erasure, occlusion and LIME put in place of an erased h1 state: '
                       'DiffMask\'s learned hidden-gate baseline, or zeros')
@@ -216,7 +220,8 @@ def command_line(args: argparse.Namespace) -> str:
   else:
     parts.append(f'--seed {args.seed}')
   parts += [f'--diffmask-steps {args.diffmask_steps}', f'--baseline-steps {args.baseline_steps}',
-            f'--ig-steps {args.ig_steps}', f'--erased-state {args.erased_state}']
+            f'--ig-steps {args.ig_steps}', f'--ig-variant {args.ig_variant}',
+            f'--erased-state {args.erased_state}']
   if args.examples is not None:
     parts.append(f'--examples {args.examples}')
   return ' '.join(parts)
@@ -225,7 +230,8 @@ def command_line(args: argparse.Namespace) -> str:
 def run_from_args(args: argparse.Namespace) -> dict:
   """Builds the config from ``args`` and runs :func:`run_compare_toy`."""
   options = dict(diffmask_steps=args.diffmask_steps, baseline_steps=args.baseline_steps,
-                 ig_steps=args.ig_steps, erased_state=args.erased_state)
+                 ig_steps=args.ig_steps, ig_variant=args.ig_variant,
+                 erased_state=args.erased_state)
   if args.model is not None:
     config = config_from_model(args.model, **options)
   else:

@@ -82,6 +82,8 @@ class ToyExperimentConfig:
   baseline_examples: int = 500
   baseline_steps: int = 500
   ig_steps: int = 100
+  # 'paper': the path point's gradient; 'original': the released code's (see baselines.IG_VARIANTS)
+  ig_variant: str = 'paper'
   # what erasure, occlusion and LIME put in place of an erased h1 state: DiffMask's learned
   # hidden-gate baseline ('diffmask_baseline') or the zero vector ('zeros')
   erased_state: str = 'diffmask_baseline'
@@ -99,6 +101,9 @@ class ToyExperimentConfig:
     if self.baseline_steps < 1 or self.ig_steps < 1:
       raise ValueError(f'baseline_steps and ig_steps must be >= 1, got {self.baseline_steps}, '
                        f'{self.ig_steps}')
+    if self.ig_variant not in baselines.IG_VARIANTS:
+      raise ValueError(f'ig_variant must be one of {baselines.IG_VARIANTS}, '
+                       f'got {self.ig_variant!r}')
     if self.erased_state not in ERASED_STATES:
       raise ValueError(f'erased_state must be one of {ERASED_STATES}, got {self.erased_state!r}')
     if self.confidence_penalty < 0:
@@ -347,10 +352,10 @@ def baseline_attributions(names: Sequence[str], model: ToyModel, params, train_d
     return np.asarray(run(params, batch, jax.random.fold_in(base_key, 2)).token_scores), settings
 
   def integrated_gradients():
-    settings = dict(steps=config.ig_steps, rule='right', baseline='zeros',
-                    target='predicted logit', token_score='|sum over features|')
+    settings = dict(steps=config.ig_steps, rule='right', variant=config.ig_variant,
+                    baseline='zeros', target='predicted logit', token_score='|sum over features|')
     run = jax.jit(functools.partial(baselines.integrated_gradients, model, layer_index=layer,
-                                    steps=config.ig_steps,
+                                    steps=config.ig_steps, variant=config.ig_variant,
                                     path_batch_size=min(10, config.ig_steps)))
     return np.abs(np.asarray(run(params, batch).token_scores)), settings
 
