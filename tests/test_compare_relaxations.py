@@ -1,12 +1,14 @@
 """Tests of ``dmx compare relaxations``: a tiny run end to end, the report, one-line errors."""
 
 import json
+import pathlib
 
 import pytest
 
 from dmx import cli, relaxations
 from dmx.pipelines import compare_relaxations
 
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 TINY = ['--tiny', '--steps', '3', '--variance-draws', '32', '--no-progress']
 FIELDS = {'js', 'sparsity', 'agreement', 'grad_variance', 'seconds'}
 
@@ -48,6 +50,7 @@ def test_tiny_run_writes_report_table_and_figure(tmp_path, capsys):
     (['--relaxations', 'hard_concrete', '--set', 'reinforce.probe_learning_rate=0.1'],
      'not compared'),
     (['--model', 'nowhere'], 'cannot be combined'),
+    (['--margin', '0.1'], '--margin: only for --task sst'),
 ])
 def test_nonsense_exits_2_with_one_line(tmp_path, capsys, args, message):
   assert cli.main(['compare', 'relaxations', '--out', str(tmp_path / 'x'), *TINY, *args]) == 2
@@ -85,7 +88,8 @@ def test_checks_and_table_from_rows():
                                                for name in relaxations.NAMES}
   report = dict(relaxations=rows, details={name: dict(gradient='reparameterised')
                                             for name in rows},
-                settings=dict(gate='hidden', layer='feedforward', seed=0, steps=5, batch_size=4,
+                settings=dict(task='toy', gate='hidden', layer='feedforward', seed=0, steps=5,
+                              batch_size=4,
                               variance_draws=8, variance_batch=4, variance_at='here',
                               command='dmx compare relaxations --out x'))
   table = compare_relaxations.format_markdown(report)
@@ -103,3 +107,52 @@ def test_parse_overrides_groups_by_relaxation():
   assert config.diffmask_config('hard_kuma').hard_kuma_stretch == (-0.2, 1.0)
   assert config.diffmask_config('reinforce').probe_learning_rate == 0.003
   assert config.diffmask_config('hard_concrete').probe_learning_rate == 1e-3
+
+
+def sst_command(model_folder, out, *extra) -> list[str]:
+  return ['compare', 'relaxations', '--task', 'sst', '--model', str(model_folder),
+          '--out', str(out), '--data', str(SHARED_DATA), '--steps', '3', '--batch-size', '8',
+          '--max-length', '48', '--max-train-examples', '16', '--max-eval-examples', '8',
+          '--warmup-steps', '2', '--variance-draws', '32', '--no-progress', *extra]
+
+
+def test_sst_run_on_a_tiny_bert(sst_model_folder, tmp_path):
+  out = tmp_path / 'sst'
+  assert cli.main(sst_command(sst_model_folder, out, '--relaxations', 'hard_concrete',
+                              'reinforce', '--variance-layer', '1',
+                              '--set', 'reinforce.probe_learning_rate=1e-3')) == 0
+  report = json.loads((out / 'report.json').read_text())
+  assert list(report['relaxations']) == ['hard_concrete', 'reinforce']
+  for name, row in report['relaxations'].items():
+    assert set(row) == FIELDS and row['js'] is None, name  # no ground truth on SST
+    assert 0.0 <= row['sparsity'] <= 1.0 and 0.0 <= row['agreement'] <= 1.0
+    assert row['grad_variance'] > 0.0 and row['seconds'] > 0.0
+    assert len(report['details'][name]['per_layer']) == 4  # tiny BERT: h0..h3
+    assert (out / f'sst_{name}' / 'probe_hidden' / 'metadata.json').is_file()
+  assert report['details']['reinforce']['diffmask_config']['probe_learning_rate'] == 1e-3
+  assert report['details']['reinforce']['diffmask_config']['relaxation'] == 'reinforce'
+  settings = report['settings']
+  assert settings['task'] == 'sst' and settings['layer'] == 'h1 embed'
+  assert settings['model']['num_eval_sentences'] == 8 and settings['steps'] == 3
+  table = (out / 'report.md').read_text()
+  assert '| reinforce | score function | n/a |' in table and '--task sst' in table
+  assert (out / 'relaxations.png').stat().st_size > 0
+
+
+@pytest.mark.parametrize('extra, message', [
+    ((), '--task sst needs --model'),
+    (('--model', 'x', '--tiny'), '--tiny is for the toy task'),
+    (('--model', 'x', '--variance-layer', '0', '--margin', '-1'), '--margin must be'),
+])
+def test_sst_nonsense_exits_2_with_one_line(tmp_path, capsys, extra, message):
+  assert cli.main(['compare', 'relaxations', '--task', 'sst', '--out', str(tmp_path / 'x'),
+                   *extra]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_sst_variance_layer_out_of_range_is_one_line(sst_model_folder, tmp_path, capsys):
+  assert cli.main(sst_command(sst_model_folder, tmp_path / 'x', '--relaxations',
+                              'hard_concrete', '--variance-layer', '9')) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and 'variance layer must be in [0, 4)' in err, err

@@ -1,4 +1,4 @@
-"""``dmx compare relaxations``: the gate relaxations side by side on the toy task.
+"""``dmx compare relaxations``: the gate relaxations side by side, on the toy task or SST.
 
 For each relaxation of :mod:`dmx.relaxations` (Hard Concrete, Binary
 Concrete, HardKuma, straight-through Bernoulli, REINFORCE), train the toy
@@ -23,6 +23,16 @@ feed-forward state ``h1`` (the paper's Table 1 state):
   same number at the shared initial parameters is under ``details``;
 * ``seconds``: wall time of the training (compilation included).
 
+With ``--task sst --model DIR`` the same comparison runs on a fine-tuned
+SST-5 classifier (the small BERT: MiniLM here): each relaxation trains the
+probe of ``dmx diffmask sst`` (same data, batches, probe initialisation and
+seed; only the relaxation differs) and is scored on the evaluation split as
+``dmx diffmask sst`` scores it (``sparsity`` and ``agreement`` at its summary
+depth: the deepest for input gates, the mean over depths for hidden gates).
+SST has no ground-truth attribution, so ``js`` is ``null``; the gradient
+variance is taken at ``variance_layer`` on the first ``batch_size``
+evaluation sentences.
+
 Writes ``report.json`` (``{"relaxations": {name: {js, sparsity, agreement,
 grad_variance, seconds}}}`` plus ``settings``, ``checks`` and ``details``),
 ``report.md`` (a markdown table) and ``relaxations.png``, and each trained
@@ -46,7 +56,10 @@ import optax
 from dmx import attribute, checkpoint, metrics, probes, relaxations, train, viz
 from dmx.data.toy import generate_toy_data, ground_truth_attribution, split_toy_data
 from dmx.models.toy import STATE_NAMES, accuracy
+from dmx.pipelines import diffmask_text
 from dmx.pipelines import toy as toy_pipeline
+
+TASKS = ('toy', 'sst')
 
 # the issue's bar for every relaxation's masked-pass agreement
 AGREEMENT_BAR = 0.95
@@ -78,6 +91,10 @@ class RelaxationComparisonConfig:
 
   Attributes:
     toy: the toy experiment (data, classifier, DiffMask steps and batch size).
+    sst: for ``task='sst'``: the ``dmx diffmask sst`` run each relaxation repeats
+      (its ``relaxation`` is replaced by each compared one); ``None`` for the toy.
+    variance_layer: SST only: the depth whose gradient variance is measured
+      (``None``: the middle state); the toy uses its feed-forward state.
     names: the relaxations to compare, among :data:`dmx.relaxations.NAMES`.
     gate: ``'hidden'`` (the paper's Table 1 row) or ``'input'``.
     variance_draws: gate-noise draws for the gradient variance.
@@ -85,6 +102,8 @@ class RelaxationComparisonConfig:
       (among :data:`OVERRIDABLE_FIELDS`) set for relaxation ``name`` only.
   """
   toy: toy_pipeline.ToyExperimentConfig = toy_pipeline.ToyExperimentConfig()
+  sst: diffmask_text.TextDiffMaskConfig | None = None
+  variance_layer: int | None = None
   names: tuple[str, ...] = relaxations.NAMES
   gate: str = 'hidden'
   variance_draws: int = DEFAULT_VARIANCE_DRAWS
@@ -100,6 +119,10 @@ class RelaxationComparisonConfig:
       raise ValueError(f'relaxations must be distinct, got {list(self.names)}')
     if self.gate not in probes.GATES:
       raise ValueError(f'gate must be one of {probes.GATES}, got {self.gate!r}')
+    if self.sst is not None and (self.sst.task != 'sst' or self.sst.gate != self.gate):
+      raise ValueError('the SST run must be a dmx diffmask sst run with the compared gate')
+    if self.variance_layer is not None and self.sst is None:
+      raise ValueError('variance_layer is for SST; the toy uses its feed-forward state')
     if self.variance_draws < _DRAWS_PER_CHUNK or self.variance_draws % _DRAWS_PER_CHUNK:
       raise ValueError(f'variance_draws must be a positive multiple of {_DRAWS_PER_CHUNK}, '
                        f'got {self.variance_draws}')
@@ -111,9 +134,14 @@ class RelaxationComparisonConfig:
         raise ValueError(f'cannot override {bad}; choose among {OVERRIDABLE_FIELDS}')
       self.diffmask_config(name)  # a bad value fails here, before any training
 
+  @property
+  def task(self) -> str:
+    return 'toy' if self.sst is None else 'sst'
+
   def diffmask_config(self, name: str) -> train.DiffMaskConfig:
-    """The toy task's DiffMask settings with relaxation ``name`` and its overrides."""
-    base = toy_pipeline.toy_diffmask_config(self.gate, self.toy.sparsity)
+    """The task's DiffMask settings with relaxation ``name`` and its overrides."""
+    base = (toy_pipeline.toy_diffmask_config(self.gate, self.toy.sparsity) if self.sst is None
+            else self.sst.diffmask_config())
     fields = dict(dict(self.overrides).get(name, ()))
     return dataclasses.replace(base, relaxation=name, **fields)
 
@@ -173,13 +201,59 @@ def run_compare_relaxations(config: RelaxationComparisonConfig, out_dir: str | P
                             ) -> dict:
   """Trains one probe per relaxation and writes the comparison under ``out_dir``.
 
-  ``model_dir`` holds the toy classifier (read, or trained and written there
-  if it does not match ``config.toy``); ``out_dir / 'toy_model'`` by default.
-  Returns the report (see the module docstring).
+  Toy task: ``model_dir`` holds the toy classifier (read, or trained and
+  written there if it does not match ``config.toy``); ``out_dir / 'toy_model'``
+  by default. SST: the model is ``config.sst.model`` and ``model_dir`` must be
+  ``None``. Returns the report (see the module docstring).
   """
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   started = time.time()
+  if config.sst is None:
+    rows, details, settings = _compare_on_toy(config, out_dir, model_dir, progress, log)
+  else:
+    if model_dir is not None:
+      raise ValueError('the SST comparison reads its model from the SST run config')
+    rows, details, settings = _compare_on_sst(config, out_dir, progress, log)
+  report = {
+      'relaxations': rows,
+      'settings': {**settings, 'command': command},
+      'checks': checks(rows),
+      'details': details,
+      'seconds': time.time() - started,
+  }
+  (out_dir / 'report.json').write_text(json.dumps(_jsonable(report), indent=2))
+  (out_dir / 'report.md').write_text(format_markdown(report))
+  if rows:
+    viz.save_figure(comparison_figure(rows, settings['task']), out_dir / 'relaxations.png')
+  log(format_markdown(report))
+  return report
+
+
+def _row_and_details(name: str, dm_config: train.DiffMaskConfig, state, trained_variance: dict,
+                     at_init: dict, layer: int, seconds: float, scores: dict, history) -> tuple:
+  """One relaxation's row of the table and its details, from what either task measured."""
+  row = dict(js=scores.get('js'), sparsity=scores['sparsity'], agreement=scores['agreement'],
+             grad_variance=trained_variance['variance'], seconds=seconds)
+  details = dict(
+      description=DESCRIPTIONS[name], gradient=dm_config.gate_relaxation().gradient,
+      kl=scores.get('kl'), num_examples=scores['num_examples'],
+      keep_probability=scores['keep_probability'],
+      multiplier=float(state.lagrange_multipliers[layer]),
+      grad_mean_norm_sq=trained_variance['mean_norm_sq'],
+      grad_variance_quarter_range=trained_variance['quarter_range'],
+      grad_variance_at_init=at_init['variance'],
+      grad_mean_norm_sq_at_init=at_init['mean_norm_sq'],
+      diffmask_config=_jsonable(dataclasses.asdict(dm_config)),
+      training=history[-1] if history else None)
+  js = '' if row['js'] is None else f"D_JS {row['js']:.4f}, "
+  log_line = (f"{name}: {js}masked {row['sparsity']:.3f}, agreement {row['agreement']:.3f}, "
+              f"grad variance {row['grad_variance']:.3g}, {seconds:.0f} s")
+  return row, details, log_line
+
+
+def _compare_on_toy(config: RelaxationComparisonConfig, out_dir: Path, model_dir, progress: bool,
+                    log: Callable[[str], None]) -> tuple[dict, dict, dict]:
   toy = config.toy
   data = generate_toy_data(toy.seed, toy.num_examples, toy.max_length)
   train_data, validation = split_toy_data(data, toy.validation_fraction)
@@ -217,50 +291,84 @@ def run_compare_relaxations(config: RelaxationComparisonConfig, out_dir: str | P
 
     attribution = attribute.attribute(model, frozen_params, probe, state.probe_params, dm_config,
                                       val_batch)
-    scores = metrics.attribution_divergences(reference, np.asarray(attribution.keep_prob[layer]),
-                                             validation.mask)
+    keep_prob = np.asarray(attribution.keep_prob[layer])
+    scores = metrics.attribution_divergences(reference, keep_prob, validation.mask)
     masked = attribute.masked_agreement(model, frozen_params, probe, state.probe_params,
                                         dm_config, val_batch, layer)
-    trained = variance(state, variance_key)
-    rows[name] = dict(js=scores['js'], sparsity=float(masked['masked_fraction'].mean()),
-                      agreement=float(masked['agreement'].mean()),
-                      grad_variance=trained['variance'], seconds=seconds)
-    details[name] = dict(
-        description=DESCRIPTIONS[name], gradient=dm_config.gate_relaxation().gradient,
-        kl=scores['kl'], num_examples=scores['num_examples'],
-        keep_probability=float(np.sum(np.asarray(attribution.keep_prob[layer]) * validation.mask)
-                               / np.sum(validation.mask)),
-        multiplier=float(state.lagrange_multipliers[layer]),
-        grad_mean_norm_sq=trained['mean_norm_sq'],
-        grad_variance_quarter_range=trained['quarter_range'],
-        grad_variance_at_init=at_init['variance'],
-        grad_mean_norm_sq_at_init=at_init['mean_norm_sq'],
-        diffmask_config=_jsonable(dataclasses.asdict(dm_config)),
-        training=history[-1] if history else None)
-    log(f"{name}: D_JS {rows[name]['js']:.4f}, masked {rows[name]['sparsity']:.3f}, "
-        f"agreement {rows[name]['agreement']:.3f}, grad variance {trained['variance']:.3g}, "
-        f'{seconds:.0f} s')
+    scores.update(sparsity=float(masked['masked_fraction'].mean()),
+                  agreement=float(masked['agreement'].mean()),
+                  keep_probability=float(np.sum(keep_prob * validation.mask)
+                                         / np.sum(validation.mask)))
+    rows[name], details[name], line = _row_and_details(
+        name, dm_config, state, variance(state, variance_key), at_init, layer, seconds, scores,
+        history)
+    log(line)
 
-  report = {
-      'relaxations': rows,
-      'settings': dict(
-          task='toy', gate=config.gate, layer=STATE_NAMES[layer], seed=toy.seed,
-          steps=toy.diffmask_steps, batch_size=toy.diffmask_batch_size,
-          variance_draws=config.variance_draws, variance_batch=len(variance_batch['mask']),
-          variance_at='trained parameters of each relaxation, multiplier 1',
-          command=command, toy=dataclasses.asdict(toy),
-          model={'val_accuracy': val_accuracy, 'reused_checkpoint': reused,
-                 'folder': str(model_dir)}),
-      'checks': checks(rows),
-      'details': details,
-      'seconds': time.time() - started,
-  }
-  (out_dir / 'report.json').write_text(json.dumps(report, indent=2))
-  (out_dir / 'report.md').write_text(format_markdown(report))
-  if rows:
-    viz.save_figure(comparison_figure(rows), out_dir / 'relaxations.png')
-  log(format_markdown(report))
-  return report
+  settings = dict(
+      task='toy', gate=config.gate, layer=STATE_NAMES[layer], seed=toy.seed,
+      steps=toy.diffmask_steps, batch_size=toy.diffmask_batch_size,
+      variance_draws=config.variance_draws, variance_batch=len(variance_batch['mask']),
+      variance_at='trained parameters of each relaxation, multiplier 1',
+      toy=dataclasses.asdict(toy),
+      model={'val_accuracy': val_accuracy, 'reused_checkpoint': reused, 'folder': str(model_dir)})
+  return rows, details, settings
+
+
+def _compare_on_sst(config: RelaxationComparisonConfig, out_dir: Path, progress: bool,
+                    log: Callable[[str], None]) -> tuple[dict, dict, dict]:
+  sst = config.sst
+  model, frozen_params, tokenizer = diffmask_text.load_frozen_model(sst, log)
+  train_features, _, eval_features = diffmask_text.load_task_data(sst, tokenizer)
+  batch_size = min(sst.batch_size, len(train_features))
+  num_states = len(model.state_dims)
+  layer = num_states // 2 if config.variance_layer is None else config.variance_layer
+  if not 0 <= layer < num_states:
+    raise ValueError(f'variance layer must be in [0, {num_states}), got {layer}')
+  variance_rows = np.arange(min(batch_size, len(eval_features)))
+  variance_batch = eval_features.take(variance_rows).as_batch()
+  length = int(variance_batch['mask'].sum(axis=1).max())  # cut the padding off: same gradients
+  variance_batch = {name: value[:, :length] for name, value in variance_batch.items()}
+  log(f'sst: {len(train_features)} training and {len(eval_features)} evaluation sentences; '
+      f'gradient variance at depth {layer} on {len(variance_rows)} sentences')
+
+  rows, details = {}, {}
+  for name in config.names:
+    run = dataclasses.replace(sst, relaxation=name)
+    dm_config = config.diffmask_config(name)
+    log(f'{name}: training {run.steps} steps')
+    trained = diffmask_text.train_probe(run, model, frozen_params, tokenizer, train_features,
+                                        batch_size, out_dir / f'sst_{name}', progress, log,
+                                        dm_config=dm_config)
+    variance = make_gradient_variance_fn(model, frozen_params, trained.probe, dm_config,
+                                         variance_batch, config.variance_draws, layer)
+    variance_key = jax.random.fold_in(jax.random.key(sst.seed), 2**31 - 1)
+    initial_state = train.init_state(dm_config, trained.initial_probe_params, num_states)
+    at_init = variance(initial_state, variance_key)
+    evaluator = diffmask_text.make_evaluator(model, frozen_params, trained.probe, dm_config)
+    result = diffmask_text.run_evaluation(evaluator, trained.state.probe_params, eval_features,
+                                          sst.eval_batch_size)
+    scores = diffmask_text.sst_scores(result, eval_features, sst.gate)
+    real = eval_features.mask.astype(bool)
+    depth = num_states - 1 if sst.gate == 'input' else slice(None)
+    scores = dict(sparsity=scores['masked_fraction'], agreement=scores['agreement'],
+                  num_examples=len(eval_features),
+                  keep_probability=float(np.mean(result['keep_prob'][depth][..., real])),
+                  per_layer=scores['per_layer'])
+    rows[name], details[name], line = _row_and_details(
+        name, dm_config, trained.state, variance(trained.state, variance_key), at_init, layer,
+        trained.seconds, scores, trained.history)
+    details[name]['per_layer'] = scores['per_layer']
+    log(line)
+
+  settings = dict(
+      task='sst', gate=config.gate, layer=diffmask_text.state_names(num_states)[layer],
+      seed=sst.seed, steps=sst.steps, batch_size=batch_size,
+      variance_draws=config.variance_draws, variance_batch=len(variance_rows),
+      variance_at='trained parameters of each relaxation, multiplier 1',
+      sst=dataclasses.asdict(sst),
+      model={'folder': sst.model, 'eval_split': sst.eval_split,
+             'num_eval_sentences': len(eval_features)})
+  return rows, details, settings
 
 
 def _jsonable(values):
@@ -284,27 +392,36 @@ def format_markdown(report: dict) -> str:
            '| seconds |', '| --- | --- | --- | --- | --- | --- | --- |']
   for name, row in report['relaxations'].items():
     gradient = report['details'][name]['gradient'].replace('_', ' ')
-    lines.append(f"| {name} | {gradient} | {row['js']:.4f} | {row['sparsity']:.3f} | "
+    js = 'n/a' if row['js'] is None else f"{row['js']:.4f}"
+    lines.append(f"| {name} | {gradient} | {js} | {row['sparsity']:.3f} | "
                  f"{row['agreement']:.3f} | {row['grad_variance']:.3g} | {row['seconds']:.0f} |")
-  lines += ['', f"Toy task, {settings['gate']} gates, scored at `{settings['layer']}` on the "
-            f"validation set; seed {settings['seed']}, {settings['steps']} steps of batch "
-            f"{settings['batch_size']}. Gradient variance: {settings['variance_draws']} gate-noise "
-            f"draws on {settings['variance_batch']} validation examples, "
-            f"{settings['variance_at']}."]
+  if settings['task'] == 'toy':
+    scored = (f"Toy task, {settings['gate']} gates, scored at `{settings['layer']}` on the "
+              'validation set')
+  else:
+    scored = (f"SST ({settings['model']['folder']}), {settings['gate']} gates, scored on "
+              f"{settings['model']['num_eval_sentences']} {settings['model']['eval_split']} "
+              'sentences at dmx diffmask sst\'s summary depth (no ground truth: D_JS n/a)')
+  lines += ['', f"{scored}; seed {settings['seed']}, {settings['steps']} steps of batch "
+            f"{settings['batch_size']}. Gradient variance at `{settings['layer']}`: "
+            f"{settings['variance_draws']} gate-noise draws on {settings['variance_batch']} "
+            f"held-out examples, {settings['variance_at']}."]
   if settings.get('command'):
     lines += ['', f"Command: `{settings['command']}`"]
   return '\n'.join(lines) + '\n'
 
 
-def comparison_figure(rows: dict):
-  """Three bar charts: D_JS and gradient variance (log scales) and agreement."""
+def comparison_figure(rows: dict, task: str = 'toy'):
+  """Bar charts: D_JS (toy only) and gradient variance (log scales) and agreement."""
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   names = list(rows)
   colours = ['tab:red' if name == 'reinforce' else 'tab:blue' for name in names]
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   panels = [('js', 'D_JS to the ground truth (log)', True),
             ('grad_variance', 'gradient variance (log)', True),
             ('agreement', 'masked-pass agreement', False)]
+  if any(row['js'] is None for row in rows.values()):
+    panels = panels[1:]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
   for ax, (field, title, log_scale) in zip(axes, panels):
     values = [max(rows[name][field], 1e-12) if log_scale else rows[name][field] for name in names]
     bars = ax.bar(range(len(names)), values, color=colours)
@@ -317,7 +434,8 @@ def comparison_figure(rows: dict):
     else:
       ax.axhline(AGREEMENT_BAR, color='grey', linestyle='--', linewidth=1)
       ax.set_ylim(min(0.9, min(values) - 0.02), 1.0)
-  fig.suptitle('Gate relaxations on the toy task (hidden gates at the feed-forward state)',
+  fig.suptitle('Gate relaxations on the toy task (hidden gates at the feed-forward state)'
+               if task == 'toy' else 'Gate relaxations on SST (fine-tuned classifier)',
                fontsize=11)
   fig.tight_layout()
   return fig
@@ -331,15 +449,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   """The options of ``dmx compare relaxations``."""
   defaults = toy_pipeline.ToyExperimentConfig()
   parser.add_argument('--out', required=True, help='output folder (created if missing)')
+  # dest: 'task' is the compare subcommand's own name
+  parser.add_argument('--task', choices=TASKS, default='toy', dest='comparison_task',
+                      help='toy (default) or sst (needs --model, a fine-tuned SST-5 classifier)')
   parser.add_argument('--model', default=None,
-                      help='a trained toy classifier (the toy_model folder of a dmx toy run); '
-                      'its data and settings are reused. Default: train one (or reuse '
-                      'OUT/toy_model)')
+                      help='toy: a trained toy classifier (the toy_model folder of a dmx toy '
+                      'run), its data and settings reused; default: train one (or reuse '
+                      'OUT/toy_model). sst: the fine-tuned classifier\'s folder (required)')
   parser.add_argument('--seed', type=int, default=None,
                       help=f'data and model seed (default {defaults.seed}; with --model: the '
                       'model\'s own)')
   parser.add_argument('--steps', type=int, default=None,
-                      help=f'DiffMask steps per relaxation (default {defaults.diffmask_steps}, '
+                      help=f'DiffMask steps per relaxation (toy default {defaults.diffmask_steps}, '
                       'the toy pipeline\'s; --tiny: 40)')
   parser.add_argument('--tiny', action='store_true',
                       help='a seconds-long run on a tiny model and data set (for tests)')
@@ -349,11 +470,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--variance-draws', type=int, default=DEFAULT_VARIANCE_DRAWS,
                       help=f'gate-noise draws for the gradient variance (a multiple of '
                       f'{_DRAWS_PER_CHUNK})')
+  sst = parser.add_argument_group('SST (--task sst); other settings are dmx diffmask sst\'s')
+  sst.add_argument('--data', default=None, help='data folder holding sst/ (default ../shared/data)')
+  sst.add_argument('--margin', type=float, default=None, help='tolerated KL (default 0.1)')
+  sst.add_argument('--batch-size', type=int, default=None, help='training batch (default 64)')
+  sst.add_argument('--max-length', type=int, default=None, help='tokens per sentence (default 84)')
+  sst.add_argument('--warmup-steps', type=int, default=None, help='default 1200')
+  sst.add_argument('--max-train-examples', type=int, default=None,
+                   help='train on the first N sentences')
+  sst.add_argument('--max-eval-examples', type=int, default=None,
+                   help='score on the first N dev sentences')
+  sst.add_argument('--variance-layer', type=int, default=None,
+                   help='depth whose gradient variance is measured (default: the middle one)')
   parser.add_argument('--set', action='append', default=[], metavar='NAME.FIELD=VALUE',
                       dest='overrides', help='a DiffMask setting for one relaxation, e.g. '
                       'binary_concrete.binary_concrete_temperature=0.3 or '
                       'reinforce.probe_learning_rate=3e-3 (repeatable)')
   parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
+
+
+SST_FLAGS = ('--data', '--margin', '--batch-size', '--max-length', '--warmup-steps',
+             '--max-train-examples', '--max-eval-examples', '--variance-layer')
 
 
 def parse_overrides(values: Sequence[str]) -> tuple:
@@ -375,7 +512,13 @@ def parse_overrides(values: Sequence[str]) -> tuple:
 def command_line(args: argparse.Namespace) -> str:
   """The ``dmx compare relaxations`` command ``args`` stand for."""
   parts = ['dmx compare relaxations', f'--out {args.out}']
+  if args.comparison_task != 'toy':
+    parts.append(f'--task {args.comparison_task}')
   for flag, value in (('--model', args.model), ('--seed', args.seed), ('--steps', args.steps)):
+    if value is not None:
+      parts.append(f'{flag} {value}')
+  for flag in SST_FLAGS:
+    value = getattr(args, flag[2:].replace('-', '_'))
     if value is not None:
       parts.append(f'{flag} {value}')
   if args.tiny:
@@ -392,6 +535,25 @@ def command_line(args: argparse.Namespace) -> str:
 
 def config_from_args(args: argparse.Namespace) -> RelaxationComparisonConfig:
   """The comparison ``args`` describe; one-line ``ValueError`` for nonsense."""
+  sst_options = {flag: getattr(args, flag[2:].replace('-', '_')) for flag in SST_FLAGS}
+  if args.comparison_task == 'sst':
+    if args.model is None:
+      raise ValueError('--task sst needs --model, the folder of a fine-tuned SST-5 classifier')
+    if args.tiny:
+      raise ValueError('--tiny is for the toy task')
+    fields = {flag[2:].replace('-', '_'): value for flag, value in sst_options.items()
+              if value is not None and flag not in ('--data', '--variance-layer')}
+    sst = diffmask_text.TextDiffMaskConfig(
+        task='sst', model=args.model, gate=args.gate, data_dir=args.data,
+        steps=args.steps, num_heatmap_examples=0,
+        **({} if args.seed is None else dict(seed=args.seed)), **fields)
+    return RelaxationComparisonConfig(sst=sst, variance_layer=args.variance_layer,
+                                      names=tuple(args.relaxations), gate=args.gate,
+                                      variance_draws=args.variance_draws,
+                                      overrides=parse_overrides(args.overrides))
+  given = [flag for flag, value in sst_options.items() if value is not None]
+  if given:
+    raise ValueError(f'{", ".join(given)}: only for --task sst')
   if args.tiny and args.model is not None:
     raise ValueError('--tiny trains its own tiny model; it cannot be combined with --model')
   if args.steps is not None and args.steps < 1:
@@ -414,5 +576,6 @@ def config_from_args(args: argparse.Namespace) -> RelaxationComparisonConfig:
 def run_from_args(args: argparse.Namespace) -> dict:
   """Builds the config from ``args`` and runs :func:`run_compare_relaxations`."""
   config = config_from_args(args)
-  return run_compare_relaxations(config, args.out, model_dir=args.model,
+  return run_compare_relaxations(config, args.out,
+                                 model_dir=args.model if config.sst is None else None,
                                  progress=not args.no_progress, command=command_line(args))

@@ -38,14 +38,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dmx import attribute, checkpoint, metrics, objective, probes, train, viz
+from dmx import attribute, checkpoint, metrics, objective, probes, relaxations, train, viz
 from dmx.data import squad as squad_data
 from dmx.data.common import (bucketed_batches, length_buckets, padded_batches,
                              padded_index_batches)
@@ -88,6 +88,8 @@ class TextDiffMaskConfig:
     margin: the tolerated divergence (SST 0.1, SQuAD 1).
     warmup_steps, sparsity, probe_learning_rate, baseline_learning_rate: passed to
       :class:`dmx.train.DiffMaskConfig` (paper: 1200, log_l0, 3e-4, 1e-3).
+    relaxation: the gate distribution, among :data:`dmx.relaxations.NAMES`
+      (paper: Hard Concrete).
     probe_form, probe_hidden_size: the probe (hidden size defaults to hidden / 4,
       the original's ``hidden_attention``).
     num_heatmap_examples: heatmaps drawn (one PNG each).
@@ -120,6 +122,7 @@ class TextDiffMaskConfig:
   probe_learning_rate: float = 3e-4
   baseline_learning_rate: float = 1e-3
   sparsity: str = 'log_l0'
+  relaxation: str = 'hard_concrete'
   probe_form: str = 'mlp'
   probe_hidden_size: int | None = None
   num_heatmap_examples: int = 4
@@ -169,6 +172,9 @@ class TextDiffMaskConfig:
     if self.sparsity not in objective.SPARSITY_LOSSES:
       raise ValueError(f'--sparsity must be one of {objective.SPARSITY_LOSSES}, '
                        f'got {self.sparsity!r}')
+    if self.relaxation not in relaxations.NAMES:
+      raise ValueError(f'--relaxation must be one of {relaxations.NAMES}, '
+                       f'got {self.relaxation!r}')
     if self.probe_form not in probes.VOTE_FORMS:
       raise ValueError(f'--probe-form must be one of {probes.VOTE_FORMS}, got {self.probe_form!r}')
     if self.probe_hidden_size is not None and self.probe_hidden_size < 1:
@@ -188,7 +194,7 @@ class TextDiffMaskConfig:
   def diffmask_config(self) -> train.DiffMaskConfig:
     """The trainer's settings: the paper's rates, this run's gate, margin and warm-up."""
     return train.DiffMaskConfig(gate=self.gate, margin=self.margin, sparsity=self.sparsity,
-                                warmup_steps=self.warmup_steps,
+                                relaxation=self.relaxation, warmup_steps=self.warmup_steps,
                                 probe_learning_rate=self.probe_learning_rate,
                                 baseline_learning_rate=self.baseline_learning_rate)
 
@@ -548,6 +554,62 @@ def write_sentiment_figure(path: Path, aggregate: dict, gate: str, num_states: i
 # The pipeline
 
 
+class TrainedProbe(NamedTuple):
+  """What :func:`train_probe` returns: the probe module, its trainer settings and final state."""
+  probe: probes.DiffMaskProbe
+  config: train.DiffMaskConfig
+  initial_probe_params: Any
+  state: train.DiffMaskState
+  history: list
+  seconds: float
+
+
+def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tokenizer,
+                train_features, batch_size: int, out_dir: Path, progress: bool = True,
+                log: Callable[[str], None] = print,
+                dm_config: train.DiffMaskConfig | None = None) -> TrainedProbe:
+  """Trains the run's probe (resuming ``out_dir/train_checkpoint``) and saves ``probe_<gate>/``.
+
+  ``dm_config`` replaces ``config.diffmask_config()`` (settings the command
+  line does not offer, such as a relaxation's own parameters).
+  """
+  dm_config = config.diffmask_config() if dm_config is None else dm_config
+  state_dims = tuple(model.state_dims)
+  hidden_size = config.probe_hidden_size or max(state_dims[0] // 4, 1)
+  probe = probes.DiffMaskProbe(gate=config.gate, state_dims=state_dims, form=config.probe_form,
+                               hidden_size=hidden_size)
+  batches = training_batches(config, model, frozen_params, train_features, batch_size, log,
+                             progress)
+  probe_key, run_key = jax.random.split(jax.random.key(config.seed))
+  # frozen parameters go in as arguments: closed over, jit would bake them in as constants
+  init_probe = jax.jit(lambda frozen, key, batch: train.init_probe_params(key, model, probe, frozen,
+                                                                          batch))
+  probe_params = init_probe(frozen_params, probe_key, next(batches))
+  if config.gate == 'input':
+    probe_params = probes.set_baseline(probe_params, mask_token_baseline(frozen_params, tokenizer))
+  initial_probe_params = probe_params
+  state = train.init_state(dm_config, probe_params, len(state_dims))
+  train_started = time.time()
+  description = f'diffmask {config.task} {config.gate}'
+  if config.relaxation != 'hard_concrete':
+    description += f' {config.relaxation}'
+  state, history = train.fit(model, frozen_params, probe, dm_config, state, batches, config.steps,
+                             run_key, progress=progress, description=description,
+                             log_every=min(500, max(config.steps // 20, 50)),
+                             checkpoint_dir=out_dir / TRAIN_CHECKPOINT,
+                             checkpoint_every=config.checkpoint_every,
+                             run_info=_resume_fingerprint(config))
+  jax.block_until_ready(state.params)
+  seconds = time.time() - train_started
+  checkpoint.save(out_dir / f'probe_{config.gate}', state.probe_params, dict(
+      task=config.task, gate=config.gate, form=config.probe_form, hidden_size=hidden_size,
+      initial_logit=probe.initial_logit, state_dims=list(state_dims),
+      model=str(Path(config.model).expanduser().absolute()), head=TASK_HEADS[config.task],
+      max_length=config.max_length, steps=int(state.step),
+      diffmask_config=_jsonable(dataclasses.asdict(dm_config))))
+  return TrainedProbe(probe, dm_config, initial_probe_params, state, history, seconds)
+
+
 def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progress: bool = True,
                       log: Callable[[str], None] = print) -> dict:
   """Trains and evaluates one DiffMask probe on SST or SQuAD; writes everything to ``out_dir``.
@@ -570,39 +632,10 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
   log(f'{config.task}: {len(train_features)} training and {len(eval_features)} evaluation '
       f'sequences of {config.max_length} tokens; {model.config.num_states} states')
 
-  dm_config = config.diffmask_config()
+  trained = train_probe(config, model, frozen_params, tokenizer, train_features, batch_size,
+                        out_dir, progress, log)
+  probe, dm_config, state, history = trained.probe, trained.config, trained.state, trained.history
   state_dims = tuple(model.state_dims)
-  hidden_size = config.probe_hidden_size or max(state_dims[0] // 4, 1)
-  probe = probes.DiffMaskProbe(gate=config.gate, state_dims=state_dims, form=config.probe_form,
-                               hidden_size=hidden_size)
-  batches = training_batches(config, model, frozen_params, train_features, batch_size, log,
-                             progress)
-  probe_key, run_key = jax.random.split(jax.random.key(config.seed))
-  # frozen parameters go in as arguments: closed over, jit would bake them in as constants
-  init_probe = jax.jit(lambda frozen, key, batch: train.init_probe_params(key, model, probe, frozen,
-                                                                          batch))
-  probe_params = init_probe(frozen_params, probe_key, next(batches))
-  if config.gate == 'input':
-    probe_params = probes.set_baseline(probe_params, mask_token_baseline(frozen_params, tokenizer))
-  state = train.init_state(dm_config, probe_params, len(state_dims))
-  train_started = time.time()
-  state, history = train.fit(model, frozen_params, probe, dm_config, state, batches, config.steps,
-                             run_key, progress=progress,
-                             description=f'diffmask {config.task} {config.gate}',
-                             log_every=min(500, max(config.steps // 20, 50)),
-                             checkpoint_dir=out_dir / TRAIN_CHECKPOINT,
-                             checkpoint_every=config.checkpoint_every,
-                             run_info=_resume_fingerprint(config))
-  jax.block_until_ready(state.params)
-  train_seconds = time.time() - train_started
-
-  probe_dir = out_dir / f'probe_{config.gate}'
-  checkpoint.save(probe_dir, state.probe_params, dict(
-      task=config.task, gate=config.gate, form=config.probe_form, hidden_size=hidden_size,
-      initial_logit=probe.initial_logit, state_dims=list(state_dims),
-      model=str(Path(config.model).expanduser().absolute()), head=TASK_HEADS[config.task],
-      max_length=config.max_length, steps=int(state.step),
-      diffmask_config=_jsonable(dataclasses.asdict(dm_config))))
 
   eval_started = time.time()
   evaluator = make_evaluator(model, frozen_params, probe, dm_config)
@@ -645,11 +678,11 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
                'max_length': config.max_length},
       'model': {'path': config.model, 'num_states': len(state_dims),
                 'hidden_size': state_dims[0], 'num_layers': model.config.num_layers},
-      'files': {'keep_prob': KEEP_PROB_FILE, 'probe_checkpoint': probe_dir.name,
+      'files': {'keep_prob': KEEP_PROB_FILE, 'probe_checkpoint': f'probe_{config.gate}',
                 'figures': figures},
       'training': history,
-      'timing': {'train_seconds': train_seconds,
-                 'steps_per_second': config.steps / train_seconds if config.steps else None,
+      'timing': {'train_seconds': trained.seconds,
+                 'steps_per_second': config.steps / trained.seconds if config.steps else None,
                  'eval_seconds': eval_seconds, 'total_seconds': time.time() - started},
   }
   (out_dir / REPORT_FILE).write_text(json.dumps(_jsonable(report), indent=2))
@@ -660,6 +693,9 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
 # options that only change the evaluation: a resumed run may change them
 EVAL_ONLY_FIELDS = ('eval_split', 'eval_batch_size', 'max_eval_examples', 'num_heatmap_examples',
                     'checkpoint_every', 'clean_pass_cache_gb')
+# options the checkpoint's DiffMaskConfig already fingerprints, with defaults for
+# checkpoints written before the option existed (dmx.train fills those in)
+IN_DIFFMASK_CONFIG_FIELDS = ('relaxation',)
 
 
 def _resume_fingerprint(config: TextDiffMaskConfig) -> dict:
@@ -667,7 +703,7 @@ def _resume_fingerprint(config: TextDiffMaskConfig) -> dict:
   fields = dataclasses.asdict(config)
   fields['model'] = str(Path(config.model).expanduser().absolute())
   return _jsonable({name: value for name, value in fields.items()
-                    if name not in EVAL_ONLY_FIELDS})
+                    if name not in EVAL_ONLY_FIELDS + IN_DIFFMASK_CONFIG_FIELDS})
 
 
 def _jsonable(value: Any) -> Any:
@@ -729,6 +765,8 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
   parser.add_argument('--probe-learning-rate', type=float, default=3e-4)
   parser.add_argument('--baseline-learning-rate', type=float, default=1e-3)
   parser.add_argument('--sparsity', choices=objective.SPARSITY_LOSSES, default='log_l0')
+  parser.add_argument('--relaxation', choices=relaxations.NAMES, default='hard_concrete',
+                      help='gate distribution (paper: Hard Concrete); see dmx.relaxations')
   parser.add_argument('--probe-form', choices=probes.VOTE_FORMS, default='mlp')
   parser.add_argument('--probe-hidden-size', type=int, default=None,
                       help='width of the probe MLP (default hidden size / 4)')
@@ -760,7 +798,8 @@ def config_from_args(args: argparse.Namespace, task: str) -> TextDiffMaskConfig:
       eval_batch_size=args.eval_batch_size, max_train_examples=args.max_train_examples,
       max_eval_examples=args.max_eval_examples, margin=args.margin,
       warmup_steps=args.warmup_steps, probe_learning_rate=args.probe_learning_rate,
-      baseline_learning_rate=args.baseline_learning_rate, sparsity=args.sparsity, probe_form=args.probe_form,
+      baseline_learning_rate=args.baseline_learning_rate, sparsity=args.sparsity,
+      relaxation=args.relaxation, probe_form=args.probe_form,
       probe_hidden_size=args.probe_hidden_size, num_heatmap_examples=args.num_heatmaps,
       bucket_width=args.bucket_width, clean_pass_cache_gb=args.clean_pass_cache_gb,
       checkpoint_every=args.checkpoint_every,
