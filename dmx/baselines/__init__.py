@@ -12,8 +12,19 @@ Every one reads and replaces the state it attributes to through
 * :func:`guan_noise_scales` (Guan et al., 2019);
 * :func:`erasure_search`: exact erasure, smallest kept subsets first;
 * :func:`occlusion` (leave-one-out) and :func:`lime`.
+
+Attention-based methods score attention, not tokens, through
+:class:`dmx.models.bert.BertModel`'s attention entry points:
+:func:`raw_attention` (the paper's Figure 5) and :func:`self_attention_attribution`
+(Hao et al., 2021), with :func:`head_importance`, :func:`head_pruning_curve` and
+:func:`attribution_tree`.
 """
 
+from dmx.baselines.attention import (
+    PRUNING_ORDERS, AttentionAttribution, AttributionTree, HeadImportance, PruningCurve, TreeEdge,
+    attribution_tree, format_attribution_tree, head_importance, head_pruning_curve,
+    head_score_maxima, jitted_self_attention_attribution, plot_attribution_tree,
+    plot_pruning_curve, pruning_mask, rank_heads, raw_attention, self_attention_attribution)
 from dmx.baselines.erasure import ErasureBudgetExceeded, ErasureResult, erasure_search
 from dmx.baselines.gradients import GradientAttribution, gradient_attribution
 from dmx.baselines.guan import NoiseScaleAttribution, guan_noise_scales
@@ -24,7 +35,12 @@ from dmx.baselines.occlusion import OcclusionAttribution, occlusion
 from dmx.baselines.schulz import (SCHULZ_ATTRIBUTIONS, BottleneckAttribution,
                                   information_bottleneck, state_statistics)
 
-__all__ = ['IG_VARIANTS', 'INTEGRATION_RULES', 'SCHULZ_ATTRIBUTIONS', 'BottleneckAttribution',
+__all__ = ['PRUNING_ORDERS', 'AttentionAttribution', 'AttributionTree', 'HeadImportance',
+           'PruningCurve', 'TreeEdge', 'attribution_tree', 'format_attribution_tree',
+           'head_importance', 'head_pruning_curve', 'head_score_maxima',
+           'jitted_self_attention_attribution', 'plot_attribution_tree', 'plot_pruning_curve',
+           'pruning_mask', 'rank_heads', 'raw_attention', 'self_attention_attribution',
+           'IG_VARIANTS', 'INTEGRATION_RULES', 'SCHULZ_ATTRIBUTIONS', 'BottleneckAttribution',
            'ErasureBudgetExceeded', 'ErasureResult', 'GradientAttribution', 'IntegratedGradients',
            'LimeAttribution', 'NoiseScaleAttribution', 'OcclusionAttribution', 'erasure_search',
            'gradient_attribution', 'guan_noise_scales', 'information_bottleneck',

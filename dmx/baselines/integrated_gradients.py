@@ -29,7 +29,7 @@ weights points near the input more, and completeness no longer holds (its
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,44 @@ def path_quadrature(steps: int, rule: str = 'right') -> tuple[np.ndarray, np.nda
   raise ValueError(f'rule must be one of {INTEGRATION_RULES}, got {rule!r}')
 
 
+def path_gradient_integral(gradient: Callable[[jax.Array], jax.Array], start: jax.Array,
+                           difference: jax.Array, steps: int, rule: str = 'right',
+                           path_batch_size: int | None = None,
+                           alpha_power: int = 0) -> jax.Array:
+  """``sum_k weights_k alphas_k^alpha_power gradient(start + alphas_k difference)``.
+
+  The quadrature of :func:`path_quadrature` over the straight path from
+  ``start`` to ``start + difference`` (any shape; ``gradient`` maps a path
+  point to an array of its shape). ``alpha_power=1`` adds the original DiffMask
+  code's extra factor ``a``. Path points are vmapped in chunks of
+  ``path_batch_size`` (``None``: all at once) and the chunks scanned, so
+  memory holds one chunk's activations.
+  """
+  alphas, weights = path_quadrature(steps, rule)
+  weights = weights * alphas ** alpha_power
+  chunk = steps if path_batch_size is None else path_batch_size
+  if chunk < 1:
+    raise ValueError(f'path_batch_size must be >= 1, got {path_batch_size}')
+  chunk = min(chunk, steps)
+  # padding points (alpha 0) carry weight 0, so any chunk size gives the same sum
+  num_chunks = math.ceil(steps / chunk)
+  padding = num_chunks * chunk - steps
+  chunk_alphas = np.concatenate([alphas, np.zeros(padding, np.float32)]).reshape(num_chunks, chunk)
+  chunk_weights = np.concatenate([weights, np.zeros(padding, np.float32)]).reshape(num_chunks,
+                                                                                    chunk)
+
+  def accumulate(total, inputs):
+    alpha_values, point_weights = inputs
+    gradients = jax.vmap(lambda alpha: gradient(start + alpha * difference))(alpha_values)
+    return total + jnp.tensordot(point_weights, gradients, axes=1), None
+
+  total = jnp.zeros(difference.shape, jnp.float32)
+  if num_chunks == 1:  # no loop around a single chunk: a smaller program, compiled faster
+    return accumulate(total, (jnp.asarray(chunk_alphas[0]), jnp.asarray(chunk_weights[0])))[0]
+  return jax.lax.scan(accumulate, total,
+                      (jnp.asarray(chunk_alphas), jnp.asarray(chunk_weights)))[0]
+
+
 def integrated_gradients(model: MaskableModel, params, batch: dict, *, layer_index: int = 0,
                          steps: int = 50, baseline: jax.Array | None = None,
                          target: jax.Array | None = None, rule: str = 'right',
@@ -109,14 +147,6 @@ def integrated_gradients(model: MaskableModel, params, batch: dict, *, layer_ind
   """
   if variant not in IG_VARIANTS:
     raise ValueError(f'variant must be one of {IG_VARIANTS}, got {variant!r}')
-  alphas, quadrature_weights = path_quadrature(steps, rule)
-  if variant == 'original':
-    # d f(x' + a (x - x')) / dx = a * (the path point's gradient)
-    quadrature_weights = quadrature_weights * alphas
-  chunk = steps if path_batch_size is None else path_batch_size
-  if chunk < 1:
-    raise ValueError(f'path_batch_size must be >= 1, got {path_batch_size}')
-  chunk = min(chunk, steps)
   outputs, states = model.forward(params, batch)
   if outputs.ndim != 2:
     raise ValueError(f'integrated gradients needs (batch, classes) outputs, got {outputs.shape}')
@@ -136,21 +166,10 @@ def integrated_gradients(model: MaskableModel, params, batch: dict, *, layer_ind
   # examples are independent, so the gradient of the batch sum is every example's own gradient
   gradient = jax.grad(lambda path_state: target_logits(path_state).sum())
 
-  # chunks of path points: vmapped within a chunk, scanned over chunks; padding points
-  # (alpha 0) carry weight 0 so any chunk size gives the same sum
-  num_chunks = math.ceil(steps / chunk)
-  padding = num_chunks * chunk - steps
-  chunk_alphas = np.concatenate([alphas, np.zeros(padding, np.float32)]).reshape(num_chunks, chunk)
-  chunk_weights = np.concatenate([quadrature_weights,
-                                  np.zeros(padding, np.float32)]).reshape(num_chunks, chunk)
-
-  def accumulate(total, inputs):
-    alpha_values, weights = inputs
-    gradients = jax.vmap(lambda alpha: gradient(baseline + alpha * difference))(alpha_values)
-    return total + jnp.tensordot(weights, gradients, axes=1), None
-
-  gradient_sum, _ = jax.lax.scan(accumulate, jnp.zeros_like(state),
-                                 (jnp.asarray(chunk_alphas), jnp.asarray(chunk_weights)))
+  # d f(x' + a (x - x')) / dx = a * (the path point's gradient): the original's extra a
+  gradient_sum = path_gradient_integral(gradient, baseline, difference, steps, rule,
+                                        path_batch_size,
+                                        alpha_power=1 if variant == 'original' else 0)
   attributions = difference * gradient_sum
   clean = jnp.take_along_axis(outputs.astype(jnp.float32), target[:, None], axis=-1)[:, 0]
   gap = clean - target_logits(baseline).astype(jnp.float32)

@@ -19,6 +19,15 @@ stacked along a leading axis and one ``lax.scan`` runs them, each step behind a
 ``lax.cond`` that skips layers below the injection point, so one compiled
 program serves every depth and stays reverse-differentiable.
 
+Attention, for attention-based explanations (:mod:`dmx.baselines.attention`),
+has entry points of its own, so ``forward`` and ``forward_from`` stay as they
+are: ``forward_with_attention`` also returns every layer's probabilities
+``(num_layers, batch, heads, q, k)`` and optionally replaces one (static)
+layer's probabilities by a caller's function of them and multiplies each
+head's context by a ``(num_layers, heads)`` head mask;
+``forward_from_attention`` does the same edit resumed from a clean pass's
+states. Like the injection point, the edit is an explicit argument, not a hook.
+
 Parameters are a plain dict ``{'embeddings', 'layers', 'head'?}``: each entry
 is the ``'params'`` collection of one Linen module (``'layers'`` holds the
 ``num_layers`` transformer layers stacked on axis 0). Parameters stay float32;
@@ -33,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -57,6 +66,8 @@ COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ATTENTION_MASK_VALUE = -1e9
 
 Params = dict[str, Any]
+# ``(batch, heads, q, k)`` float32 attention probabilities -> the ones the layer should use
+AttentionEdit = Callable[[jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,8 +236,17 @@ class SelfAttention(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, hidden: jax.Array, bias: jax.Array) -> jax.Array:
-    """``(batch, seq, hidden), (batch, 1, 1, seq) -> (batch, seq, hidden)``."""
+  def __call__(self, hidden: jax.Array, bias: jax.Array,
+               attention_edit: AttentionEdit | None = None,
+               head_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(batch, seq, hidden), (batch, 1, 1, seq) -> ((batch, seq, hidden), weights)``.
+
+    ``weights`` are the float32 attention probabilities ``(batch, heads, q, k)``
+    the layer used: after ``attention_edit`` (a function of the softmax output,
+    returning the same shape) when one is given. ``head_scale`` ``(heads,)``
+    multiplies each head's context before the output projection (0 prunes a
+    head). With neither, the computation is the plain layer's.
+    """
     c = self.config
     head_dim = c.hidden_size // c.num_heads
     split_heads = lambda x: x.reshape(x.shape[:2] + (c.num_heads, head_dim))
@@ -235,26 +255,42 @@ class SelfAttention(nn.Module):
     value = split_heads(_dense(c, c.hidden_size, 'value')(hidden))
     logits = jnp.einsum('bqhd,bkhd->bhqk', query, key,
                         preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-    weights = jax.nn.softmax(logits + bias, axis=-1).astype(c.compute_dtype)  # (batch, heads, q, k)
-    context = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
-    return _dense(c, c.hidden_size, 'output')(context.reshape(hidden.shape))
+    weights = jax.nn.softmax(logits + bias, axis=-1)  # (batch, heads, q, k) float32
+    if attention_edit is not None:
+      edited = attention_edit(weights)
+      if edited.shape != weights.shape:
+        raise ValueError(f'attention_edit must return the shape it gets, {weights.shape}, '
+                         f'got {edited.shape}')
+      weights = edited.astype(jnp.float32)
+    context = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(c.compute_dtype), value)
+    if head_scale is not None:
+      context = context * jnp.asarray(head_scale)[None, None, :, None].astype(context.dtype)
+    return _dense(c, c.hidden_size, 'output')(context.reshape(hidden.shape)), weights
 
 
 class TransformerLayer(nn.Module):
-  """One post-LayerNorm BERT layer: ``h_k -> h_{k+1}``."""
+  """One post-LayerNorm BERT layer: ``h_k -> h_{k+1}``, and the attention it used."""
   config: BertConfig
 
   @nn.compact
-  def __call__(self, hidden: jax.Array, bias: jax.Array) -> jax.Array:
-    """``(batch, seq, hidden), (batch, 1, 1, seq) -> (batch, seq, hidden)``."""
+  def __call__(self, hidden: jax.Array, bias: jax.Array,
+               attention_edit: AttentionEdit | None = None,
+               head_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(batch, seq, hidden), (batch, 1, 1, seq) -> ((batch, seq, hidden), weights)``.
+
+    ``weights``: ``(batch, heads, q, k)`` float32; see :class:`SelfAttention`
+    for ``attention_edit`` and ``head_scale``. Callers that drop ``weights``
+    pay nothing for them: XLA removes the dead output.
+    """
     c = self.config
-    attended = SelfAttention(c, name='attention')(hidden, bias)
+    attended, weights = SelfAttention(c, name='attention')(hidden, bias, attention_edit,
+                                                           head_scale)
     hidden = _layer_norm(c, 'attention_layer_norm')(
         attended.astype(jnp.float32) + hidden.astype(jnp.float32))
     intermediate = ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, 'intermediate')(hidden))
     output = _dense(c, c.hidden_size, 'output')(intermediate)
     return _layer_norm(c, 'output_layer_norm')(
-        output.astype(jnp.float32) + hidden.astype(jnp.float32))
+        output.astype(jnp.float32) + hidden.astype(jnp.float32)), weights
 
 
 class ClassificationHead(nn.Module):
@@ -288,6 +324,21 @@ class QuestionAnsweringHead(nn.Module):
 
 
 HEAD_MODULES = {'classification': ClassificationHead, 'question_answering': QuestionAnsweringHead}
+
+
+class AttentionPass(NamedTuple):
+  """A pass that also returns every layer's attention probabilities.
+
+  Attributes:
+    outputs: as :meth:`BertModel.forward`'s.
+    states: ``h0..h_{L+1}``, each ``(batch, seq, hidden)``.
+    attention: ``(num_layers, batch, heads, q, k)`` float32, the probabilities
+      each layer used (after an edit, where one was applied). Index ``i`` is
+      the layer that reads ``h_{i+1}`` and writes ``h_{i+2}``.
+  """
+  outputs: jax.Array
+  states: tuple[jax.Array, ...]
+  attention: jax.Array
 
 
 class BertModel:
@@ -354,7 +405,7 @@ class BertModel:
     return input_ids, mask, token_type_ids
 
   def _run_layer(self, layer_params: Params, hidden: jax.Array, bias: jax.Array) -> jax.Array:
-    return self.layer.apply({'params': layer_params}, hidden, bias)
+    return self.layer.apply({'params': layer_params}, hidden, bias)[0]
 
   def _outputs(self, params: Params, final_states: jax.Array, mask: jax.Array) -> jax.Array:
     if self.head is None:
@@ -415,4 +466,130 @@ class BertModel:
 
     layer_numbers = jnp.arange(1, self.config.num_layers + 1, dtype=jnp.int32)
     final, _ = jax.lax.scan(step, hidden, (layer_numbers, params['layers']))
+    return self._outputs(params, final, mask)
+
+  # -- attention: read every layer's probabilities, edit one layer's, mask heads -----------------
+  # Separate entry points, so forward and forward_from stay exactly as they were.
+
+  def check_head_mask(self, head_mask) -> jax.Array | None:
+    """``head_mask`` as float32 ``(num_layers, heads)``, or ``None``; ``ValueError`` on a bad shape."""
+    if head_mask is None:
+      return None
+    head_mask = jnp.asarray(head_mask, jnp.float32)
+    expected = (self.config.num_layers, self.config.num_heads)
+    if head_mask.shape != expected:
+      raise ValueError(f'head_mask must be (num_layers, heads) = {expected}, got {head_mask.shape}')
+    return head_mask
+
+  def check_attention_layer(self, attention_layer) -> int:
+    """``attention_layer`` as a Python int in ``[0, num_layers)``; ``ValueError`` otherwise."""
+    if isinstance(attention_layer, bool) or not isinstance(attention_layer, (int, np.integer)):
+      raise ValueError(f'attention_layer must be a Python int (static), got {attention_layer!r}')
+    if not 0 <= attention_layer < self.config.num_layers:
+      raise ValueError(f'attention_layer must be in [0, {self.config.num_layers}), '
+                       f'got {attention_layer}')
+    return int(attention_layer)
+
+  def _scan_layers(self, layers_params: Params, hidden: jax.Array, bias: jax.Array,
+                   head_mask: jax.Array | None):
+    """Stacked layers in order: ``(final, (outputs (n, b, s, h), attention (n, b, h, q, k)))``."""
+
+    def step(hidden, layer):
+      layer_params, head_scale = layer
+      hidden, weights = self.layer.apply({'params': layer_params}, hidden, bias, None, head_scale)
+      return hidden, (hidden, weights)
+
+    return jax.lax.scan(step, hidden, (layers_params, head_mask))
+
+  def _layers_from(self, params: Params, hidden: jax.Array, bias: jax.Array, first: int,
+                   head_mask: jax.Array | None, attention_edit: AttentionEdit | None):
+    """Layers ``first..L-1`` (0-based) from ``first``'s input, ``attention_edit`` at ``first``.
+
+    Returns ``(final, outputs (L - first, b, s, h), attention (L - first, b, h, q, k))``.
+    """
+    # a static layer index: slicing the stacked parameters costs nothing at run time
+    rows = lambda tree, index: jax.tree.map(lambda leaf: leaf[index], tree)
+    hidden, weights = self.layer.apply(
+        {'params': rows(params['layers'], first)}, hidden, bias, attention_edit,
+        None if head_mask is None else head_mask[first])
+    rest = slice(first + 1, None)
+    final, (outputs, rest_weights) = self._scan_layers(
+        rows(params['layers'], rest), hidden, bias, None if head_mask is None else head_mask[rest])
+    return (final, jnp.concatenate([hidden[None], outputs]),
+            jnp.concatenate([weights[None], rest_weights]))
+
+  def forward_with_attention(self, params: Params, batch: dict, *, head_mask=None,
+                             attention_layer: int | None = None,
+                             attention_edit: AttentionEdit | None = None) -> AttentionPass:
+    """A full pass that returns every layer's attention; optionally edited and head-masked.
+
+    Args:
+      params: the model's parameters.
+      batch: as for :meth:`forward`.
+      head_mask: ``(num_layers, heads)``; each head's context is multiplied by
+        its entry before the output projection (0 prunes the head, 1 keeps it
+        unchanged). ``None``: no mask.
+      attention_layer: the layer (0-based, static) whose probabilities
+        ``attention_edit`` replaces; required with ``attention_edit``.
+      attention_edit: ``(batch, heads, q, k)`` float32 probabilities -> the
+        probabilities that layer uses instead (same shape), e.g.
+        ``lambda a: alpha * a``. ``None``: the plain pass.
+
+    Returns:
+      :class:`AttentionPass`. Without ``head_mask`` and ``attention_edit`` its
+      outputs and states equal :meth:`forward`'s.
+    """
+    if (attention_layer is None) != (attention_edit is None):
+      raise ValueError('attention_layer and attention_edit must be given together')
+    head_mask = self.check_head_mask(head_mask)
+    input_ids, mask, token_type_ids = self._inputs(batch)
+    bias = attention_bias(mask)
+    word_embedded = self.embeddings.apply({'params': params['embeddings']}, input_ids,
+                                          method=Embeddings.lookup)
+    embedded = self.embeddings.apply({'params': params['embeddings']}, word_embedded, input_ids,
+                                     token_type_ids, method=Embeddings.combine)
+    if attention_edit is None:
+      final, (layer_outputs, attention) = self._scan_layers(params['layers'], embedded, bias,
+                                                            head_mask)
+    else:
+      first = self.check_attention_layer(attention_layer)
+      below = slice(0, first)
+      hidden, (below_outputs, below_attention) = self._scan_layers(
+          jax.tree.map(lambda leaf: leaf[below], params['layers']), embedded, bias,
+          None if head_mask is None else head_mask[below])
+      final, above_outputs, above_attention = self._layers_from(params, hidden, bias, first,
+                                                                head_mask, attention_edit)
+      layer_outputs = jnp.concatenate([below_outputs, above_outputs])
+      attention = jnp.concatenate([below_attention, above_attention])
+    states = (word_embedded, embedded) + tuple(
+        layer_outputs[k] for k in range(self.config.num_layers))
+    return AttentionPass(self._outputs(params, final, mask), states, attention)
+
+  def attention_probabilities(self, params: Params, batch: dict) -> jax.Array:
+    """``(num_layers, batch, heads, q, k)`` float32 attention probabilities of the clean pass.
+
+    Rows of real queries sum to 1 over keys; padded keys get 0.
+    """
+    return self.forward_with_attention(params, batch).attention
+
+  def forward_from_attention(self, params: Params, batch: dict, states: tuple[jax.Array, ...],
+                             attention_layer: int, attention_edit: AttentionEdit, *,
+                             head_mask=None) -> jax.Array:
+    """Outputs with layer ``attention_layer``'s probabilities edited, resumed from ``states``.
+
+    The cheap form of :meth:`forward_with_attention` for many edits of one
+    layer (integrated gradients over attention): layer ``attention_layer``
+    (0-based, static) reads ``states[attention_layer + 1]`` and only it and
+    the layers above are recomputed. ``states`` must come from a pass with the
+    same ``head_mask`` below that layer (e.g. :meth:`forward` when ``None``).
+    Returns the outputs, as :meth:`forward`'s.
+    """
+    first = self.check_attention_layer(attention_layer)
+    if len(states) != self.config.num_states:
+      raise ValueError(f'expected {self.config.num_states} states, got {len(states)}')
+    head_mask = self.check_head_mask(head_mask)
+    _, mask, _ = self._inputs(batch)
+    bias = attention_bias(mask)
+    hidden = states[first + 1].astype(self.config.compute_dtype)
+    final, _, _ = self._layers_from(params, hidden, bias, first, head_mask, attention_edit)
     return self._outputs(params, final, mask)
