@@ -14,8 +14,11 @@ against integrated gradients, each printing one JSON line (:mod:`dmx.bench`);
 (:mod:`dmx.pipelines.sweep`); ``dmx compare toy --out DIR`` scores every
 attribution method on the toy task next to the paper's Table 1
 (:mod:`dmx.pipelines.compare_methods`); ``dmx compare relaxations --out DIR``
-trains the toy probe with each gate relaxation and compares them
-(:mod:`dmx.pipelines.compare_relaxations`).
+trains the toy probe (or, with ``--task sst``, the SST probe) with each gate
+relaxation and compares them (:mod:`dmx.pipelines.compare_relaxations`);
+``dmx compare sst --model DIR --out DIR`` scores every method's faithfulness on
+SST sentences (ERASER AOPC) and draws the paper's Figure 5
+(:mod:`dmx.pipelines.compare_sst`).
 Bad arguments end with a one-line error and exit code 2, never a traceback.
 """
 
@@ -225,7 +228,7 @@ def _run_sweep(args) -> int:
 
 
 def _add_compare_parser(subparsers) -> None:
-  from dmx.pipelines import compare_methods, compare_relaxations
+  from dmx.pipelines import compare_methods, compare_relaxations, compare_sst
   parser = subparsers.add_parser('compare', help='attribution methods side by side (paper tables)')
   tasks = parser.add_subparsers(dest='task', required=True)
   compare_methods.add_arguments(tasks.add_parser(
@@ -234,19 +237,27 @@ def _add_compare_parser(subparsers) -> None:
       'LIME) against the toy task\'s ground truth; report.json and report.md with the paper\'s '
       'values side by side.'))
   compare_relaxations.add_arguments(tasks.add_parser(
-      'relaxations', help='gate relaxations on the toy task (issue 6)',
-      description='Train the toy task\'s DiffMask probe once per gate relaxation (Hard Concrete, '
-      'Binary Concrete, HardKuma, straight-through Bernoulli, REINFORCE); report D_JS to the '
-      'ground truth, sparsity, agreement, gradient variance and wall time (report.json, '
-      'report.md, relaxations.png).'))
+      'relaxations', help='gate relaxations on the toy task or SST',
+      description='Train the toy task\'s (or, with --task sst, SST\'s) DiffMask probe once per '
+      'gate relaxation (Hard Concrete, Binary Concrete, HardKuma, straight-through Bernoulli, '
+      'REINFORCE); report D_JS to the ground truth (toy only), sparsity, agreement, gradient '
+      'variance and wall time (report.json, report.md, relaxations.png).'))
+  compare_sst.add_arguments(tasks.add_parser(
+      'sst', help='faithfulness of every method on SST sentences (ERASER AOPC), and Figure 5',
+      description='Score random, gradients, gradient x input, integrated gradients, Schulz et '
+      'al., Guan et al., occlusion, LIME, attention and DiffMask input gates by ERASER '
+      'comprehensiveness and sufficiency (AOPC) on SST sentences, erasing to one shared '
+      'baseline; --figure5-sentence also draws the paper\'s Figure 5 (report.json, report.md, '
+      'per_example.npz, figure5.png).'))
 
 
 def _run_compare(args) -> int:
   from dmx.checkpoint import CheckpointError
-  from dmx.pipelines import compare_methods, compare_relaxations
+  from dmx.pipelines import compare_methods, compare_relaxations, compare_sst
   _writable_dir(args.out)
   runners = {'toy': compare_methods.run_from_args,
-             'relaxations': compare_relaxations.run_from_args}
+             'relaxations': compare_relaxations.run_from_args,
+             'sst': compare_sst.run_from_args}
   try:
     runners[args.task](args)
   except (ValueError, CheckpointError) as error:

@@ -81,7 +81,7 @@ def find_probe_folder(path: str | Path) -> Path:
   return candidates[0]
 
 
-def _diffmask_config(metadata: dict) -> train.DiffMaskConfig:
+def diffmask_config_from_metadata(metadata: dict) -> train.DiffMaskConfig:
   """The trainer's config from the metadata (JSON turned tuples into lists)."""
   known = {field.name for field in dataclasses.fields(train.DiffMaskConfig)}
   values = {name: tuple(value) if isinstance(value, list) else value
@@ -167,7 +167,7 @@ def explain(probe_dir: str | Path, sentence: str, model: str | Path | None = Non
     if length > limit:
       raise ValueError(f'the sentence has {length} tokens (special tokens included) but {what} '
                        f'allows {limit}; shorten it')
-  dm_config = _diffmask_config(metadata)
+  dm_config = diffmask_config_from_metadata(metadata)
   result = jax.device_get(attribute.attribute(frozen_model, frozen_params, probe, probe_params,
                                               dm_config, batch))
   logits = np.asarray(result.outputs[0], np.float64)
