@@ -18,7 +18,9 @@ trains the toy probe (or, with ``--task sst``, the SST probe) with each gate
 relaxation and compares them (:mod:`dmx.pipelines.compare_relaxations`);
 ``dmx compare sst --model DIR --out DIR`` scores every method's faithfulness on
 SST sentences (ERASER AOPC) and draws the paper's Figure 5
-(:mod:`dmx.pipelines.compare_sst`).
+(:mod:`dmx.pipelines.compare_sst`); ``dmx compare sst-erasure --out DIR``
+reproduces the paper's Table 2, per-example DiffMask and REINFORCE against
+exact erasure (:mod:`dmx.pipelines.compare_erasure`).
 Bad arguments end with a one-line error and exit code 2, never a traceback.
 """
 
@@ -228,7 +230,7 @@ def _run_sweep(args) -> int:
 
 
 def _add_compare_parser(subparsers) -> None:
-  from dmx.pipelines import compare_methods, compare_relaxations, compare_sst
+  from dmx.pipelines import compare_erasure, compare_methods, compare_relaxations, compare_sst
   parser = subparsers.add_parser('compare', help='attribution methods side by side (paper tables)')
   tasks = parser.add_subparsers(dest='task', required=True)
   compare_methods.add_arguments(tasks.add_parser(
@@ -249,15 +251,22 @@ def _add_compare_parser(subparsers) -> None:
       'comprehensiveness and sufficiency (AOPC) on SST sentences, erasing to one shared '
       'baseline; --figure5-sentence also draws the paper\'s Figure 5 (report.json, report.md, '
       'per_example.npz, figure5.png).'))
+  compare_erasure.add_arguments(tasks.add_parser(
+      'sst-erasure',
+      help='per-example DiffMask and REINFORCE against exact erasure on SST (Table 2)',
+      description='Train (or reuse) a recurrent SST-5 classifier, run exact erasure on dev '
+      'sentences of at most 25 words and score per-example DiffMask and REINFORCE masks against '
+      'every optimal set (precision, recall, F1, sparsity, optimality; report.json, report.md).'))
 
 
 def _run_compare(args) -> int:
   from dmx.checkpoint import CheckpointError
-  from dmx.pipelines import compare_methods, compare_relaxations, compare_sst
+  from dmx.pipelines import compare_erasure, compare_methods, compare_relaxations, compare_sst
   _writable_dir(args.out)
   runners = {'toy': compare_methods.run_from_args,
              'relaxations': compare_relaxations.run_from_args,
-             'sst': compare_sst.run_from_args}
+             'sst': compare_sst.run_from_args,
+             'sst-erasure': compare_erasure.run_from_args}
   try:
     runners[args.task](args)
   except (ValueError, CheckpointError) as error:

@@ -409,6 +409,50 @@ def reinforce() -> Relaxation:
 
 
 # ----------------------------------------------------------------------------
+# the score-function (REINFORCE) estimator's pieces
+# ----------------------------------------------------------------------------
+
+def score_function_surrogate(reward: jax.Array, log_prob: jax.Array,
+                             mask: jax.Array) -> jax.Array:
+  """Per-example REINFORCE surrogate: value 0, gradient ``reward * d log p(z)``.
+
+  ``stop_gradient(reward) * sum_{real tokens} log p(z)``, minus its own value,
+  so adding it to a loss leaves the loss's value unchanged while its gradient
+  gains the score-function estimate of ``d E[reward] / d logits`` (unbiased
+  when ``reward`` is the sampled loss minus a baseline that does not depend on
+  this sample). Padding is left out: the models never read it.
+
+  Args:
+    reward: ``(batch,)`` what the sample scored (no gradient flows through it).
+    log_prob: ``(batch, seq)`` ``log p(z)`` of the sampled gates (see
+      :attr:`Relaxation.log_prob`, or :func:`dmx.probes.sample_log_prob`).
+    mask: ``(batch, seq)`` true on real tokens.
+
+  Returns:
+    ``(batch,)`` zeros carrying the estimator's gradient.
+  """
+  example_log_prob = jnp.sum(jnp.where(mask, _as_float32(log_prob), 0.0), axis=-1)
+  surrogate = jax.lax.stop_gradient(_as_float32(reward)) * example_log_prob
+  return surrogate - jax.lax.stop_gradient(surrogate)
+
+
+def moving_average(average: jax.Array, value: jax.Array, decay: float) -> jax.Array:
+  """``decay * average + (1 - decay) * value``: one step of a REINFORCE baseline."""
+  return decay * average + (1.0 - decay) * value
+
+
+def bias_corrected_average(average: jax.Array, count: jax.Array, decay: float) -> jax.Array:
+  """A :func:`moving_average` started at 0, divided by ``1 - decay^count`` (as in Adam).
+
+  After ``count`` updates it is a weighted mean of the values seen; before
+  the first (``count = 0``) it is 0, i.e. plain REINFORCE.
+  """
+  count = jnp.asarray(count).astype(jnp.float32)
+  correction = jnp.maximum(1.0 - decay ** count, jnp.finfo(jnp.float32).tiny)
+  return jnp.where(count > 0, average / correction, 0.0)
+
+
+# ----------------------------------------------------------------------------
 # by name
 # ----------------------------------------------------------------------------
 

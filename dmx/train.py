@@ -343,10 +343,8 @@ def make_gradient_fn(model: MaskableModel, probe: nn.Module, config: DiffMaskCon
       if score_function:
         log_prob = probes.sample_log_prob(config.gate, vote_logits, gates, layer_index,
                                           relaxation=relaxation)
-        example_log_prob = jnp.sum(log_prob * mask.astype(jnp.float32), axis=-1)
-        reward = jax.lax.stop_gradient(multipliers[layer_index] * (divergence - reward_baseline))
-        surrogate = jnp.mean(reward * example_log_prob)
-        loss = loss + (surrogate - jax.lax.stop_gradient(surrogate))
+        reward = multipliers[layer_index] * (divergence - reward_baseline)
+        loss = loss + jnp.mean(relaxations.score_function_surrogate(reward, log_prob, mask))
       aux = dict(divergence=divergence.mean(), sparsity=sparsity.mean(),
                  keep_fraction=objective.masked_mean(jnp.exp(log_keep), mask).mean(),
                  open_fraction=objective.masked_mean((gates > 0).astype(jnp.float32), mask).mean(),
@@ -422,8 +420,8 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
     score_baseline = state.score_baseline
     if score_function:
       baseline_decay = config.reinforce_baseline_decay
-      score_baseline = score_baseline.at[layer_index].set(
-          baseline_decay * score_baseline[layer_index] + (1 - baseline_decay) * aux['divergence'])
+      score_baseline = score_baseline.at[layer_index].set(relaxations.moving_average(
+          score_baseline[layer_index], aux['divergence'], baseline_decay))
     new_state = DiffMaskState(
         step=state.step + 1, params=params, opt_state=opt_state, multipliers=multipliers,
         multiplier_opt_state=multiplier_opt_state, running_agreement=running_agreement,
@@ -445,9 +443,8 @@ def _corrected_score_baseline(state: DiffMaskState, layer_index, decay: float) -
   """
   if state.score_baseline is None:
     raise ValueError('a score-function relaxation needs a train state from init_state with it')
-  steps = state.running_steps[layer_index].astype(jnp.float32)
-  correction = jnp.maximum(1.0 - decay ** steps, jnp.finfo(jnp.float32).tiny)
-  return jnp.where(steps > 0, state.score_baseline[layer_index] / correction, 0.0)
+  return relaxations.bias_corrected_average(state.score_baseline[layer_index],
+                                            state.running_steps[layer_index], decay)
 
 
 def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskConfig,

@@ -15,6 +15,7 @@ import pytest
 
 from dmx import baselines
 from dmx.baselines import schulz
+from known_models import OneTokenModel, ThresholdModel
 
 
 class LinearTokenModel:
@@ -52,40 +53,6 @@ class LinearTokenModel:
     else:
       h1 = intervention(1, states[1])
     return self._head(params, batch, h1)
-
-
-class OneTokenModel:
-  """Logits ``(-s, s)`` with ``s = 4 tanh(h_{0} . u)``: only position 0 matters."""
-
-  state_dims = (2,)
-
-  def forward(self, params, batch):
-    h0 = batch['inputs']
-    return self._head(params, h0), (h0,)
-
-  def forward_from(self, params, batch, states, layer_index, intervention):
-    return self._head(params, intervention(0, states[0]))
-
-  def _head(self, params, h0):
-    score = 4.0 * jnp.tanh(h0[:, 0] @ params['u'])
-    return jnp.stack([-score, score], axis=-1)
-
-
-class ThresholdModel:
-  """Scalar states; class 1 iff ``sum_t mask_t h_t > 1.5`` (logits ``(0, sum - 1.5)``)."""
-
-  state_dims = (1,)
-
-  def forward(self, params, batch):
-    h0 = batch['inputs']
-    return self._head(batch, h0), (h0,)
-
-  def forward_from(self, params, batch, states, layer_index, intervention):
-    return self._head(batch, intervention(0, states[0]))
-
-  def _head(self, batch, h0):
-    total = jnp.sum(h0[..., 0] * batch['mask'], axis=-1)
-    return jnp.stack([jnp.zeros_like(total), 4.0 * (total - 1.5)], axis=-1)
 
 
 @pytest.fixture(scope='module')

@@ -11,7 +11,9 @@ Every one reads and replaces the state it attributes to through
 * :func:`information_bottleneck` (Schulz et al., 2020);
 * :func:`guan_noise_scales` (Guan et al., 2019);
 * :func:`erasure_search`: exact erasure, smallest kept subsets first;
-* :func:`occlusion` (leave-one-out) and :func:`lime`.
+* :func:`occlusion` (leave-one-out) and :func:`lime`;
+* :func:`per_example_diffmask` and :func:`per_example_reinforce`: non-amortised
+  masks, one free logit per position (paper sec. 4.2.1, Table 2).
 
 Attention-based methods score attention, not tokens, through
 :class:`dmx.models.bert.BertModel`'s attention entry points:
@@ -31,6 +33,8 @@ from dmx.baselines.guan import NoiseScaleAttribution, guan_noise_scales
 from dmx.baselines.integrated_gradients import (
     IG_VARIANTS, INTEGRATION_RULES, IntegratedGradients, integrated_gradients, path_quadrature)
 from dmx.baselines.lime import LimeAttribution, lime, lime_masks
+from dmx.baselines.per_example import (PerExampleMasks, per_example_diffmask, per_example_masks,
+                                       per_example_reinforce)
 from dmx.baselines.occlusion import OcclusionAttribution, occlusion
 from dmx.baselines.schulz import (SCHULZ_ATTRIBUTIONS, BottleneckAttribution,
                                   information_bottleneck, state_statistics)
@@ -40,7 +44,8 @@ __all__ = ['PRUNING_ORDERS', 'AttentionAttribution', 'AttributionTree', 'HeadImp
            'head_importance', 'head_pruning_curve', 'head_score_maxima',
            'jitted_self_attention_attribution', 'plot_attribution_tree', 'plot_pruning_curve',
            'pruning_mask', 'rank_heads', 'raw_attention', 'self_attention_attribution',
-           'IG_VARIANTS', 'INTEGRATION_RULES', 'SCHULZ_ATTRIBUTIONS', 'BottleneckAttribution',
+           'PerExampleMasks', 'per_example_diffmask', 'per_example_masks',
+           'per_example_reinforce', 'IG_VARIANTS', 'INTEGRATION_RULES', 'SCHULZ_ATTRIBUTIONS', 'BottleneckAttribution',
            'ErasureBudgetExceeded', 'ErasureResult', 'GradientAttribution', 'IntegratedGradients',
            'LimeAttribution', 'NoiseScaleAttribution', 'OcclusionAttribution', 'erasure_search',
            'gradient_attribution', 'guan_noise_scales', 'information_bottleneck',

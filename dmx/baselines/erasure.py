@@ -22,7 +22,17 @@ The cost is exponential in the length (``sum_k C(L, k)`` evaluations up to the
 answer), so the search is bounded by ``max_evaluations`` and ``max_seconds``;
 when a bound is hit it raises :class:`ErasureBudgetExceeded`, or, with
 ``on_budget='flag'``, returns with ``found`` false for the unresolved
-examples. The batched evaluation of many (example, subset) pairs is one
+examples. ``max_evaluations_per_example`` bounds each example on its own: an
+example whose next size would take it past that bound is given up (``found``
+false, ``complete`` false) while the others go on.
+
+Options for comparing other searches with it (the paper's Table 2):
+``return_optimal=True`` also returns *every* optimal subset of each example
+(``optimal_keeps``) with its divergence, and ``max_divergence`` makes a
+subset valid only if it also keeps ``KL(clean || erased)`` within that bound
+(the constraint DiffMask puts on its masks). ``evaluator`` reuses one
+:func:`make_subset_evaluator` across calls, so a search split into many calls
+compiles once per shape. The batched evaluation of many (example, subset) pairs is one
 jitted program; the search itself is a host loop, since it stops early.
 """
 
@@ -62,6 +72,11 @@ class ErasureResult(NamedTuple):
       the prediction (0 where not found).
     evaluations: model evaluations (one per example and subset) spent.
     complete: whether every example with enough real positions was resolved.
+    optimal_keeps: with ``return_optimal``, per example a ``(num_optimal, seq)``
+      float32 array of every optimal subset (1 on kept positions), in
+      lexicographic order; ``(0, seq)`` where not found. ``None`` otherwise.
+    optimal_divergences: with ``return_optimal``, per example the
+      ``(num_optimal,)`` ``KL(clean || erased)`` of those subsets.
   """
   keep: np.ndarray
   size: np.ndarray
@@ -70,6 +85,8 @@ class ErasureResult(NamedTuple):
   num_optimal: np.ndarray
   evaluations: int
   complete: bool
+  optimal_keeps: tuple[np.ndarray, ...] | None = None
+  optimal_divergences: tuple[np.ndarray, ...] | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,7 +128,10 @@ def erasure_search(model: MaskableModel, params, batch: dict, *, layer_index: in
                    baseline: jax.Array | None = None, min_size: int = 1,
                    max_evaluations: int = 1_000_000, max_seconds: float | None = None,
                    pairs_per_call: int = 4096, on_budget: str = 'raise',
-                   tie_break: str = 'confidence') -> ErasureResult:
+                   tie_break: str = 'confidence',
+                   max_evaluations_per_example: int | None = None,
+                   max_divergence: float | None = None, return_optimal: bool = False,
+                   evaluator=None) -> ErasureResult:
   """Smallest kept subsets of the positions of ``h_l`` that keep each prediction.
 
   Args:
@@ -130,6 +150,15 @@ def erasure_search(model: MaskableModel, params, batch: dict, *, layer_index: in
       (return with ``found`` false) when a bound is hit.
     tie_break: among equally small valid subsets, ``'confidence'`` (highest
       probability of the predicted class) or ``'closest'`` (smallest KL).
+    max_evaluations_per_example: bound on one example's evaluations; an
+      example that would pass it is given up (``found`` false), the others
+      go on. ``None`` for none.
+    max_divergence: when given, a subset is valid only if it keeps the
+      prediction *and* ``KL(clean || erased) <= max_divergence``.
+    return_optimal: also return every optimal subset (``optimal_keeps``,
+      ``optimal_divergences``).
+    evaluator: a ``make_subset_evaluator(model, layer_index)`` to reuse
+      (compiled once across calls); a fresh one when ``None``.
 
   Returns:
     :class:`ErasureResult`.
@@ -141,6 +170,10 @@ def erasure_search(model: MaskableModel, params, batch: dict, *, layer_index: in
   if min_size < 0 or max_evaluations < 1 or pairs_per_call < 1:
     raise ValueError(f'need min_size >= 0, max_evaluations >= 1 and pairs_per_call >= 1, got '
                      f'{min_size}, {max_evaluations}, {pairs_per_call}')
+  if max_evaluations_per_example is not None and max_evaluations_per_example < 1:
+    raise ValueError(f'max_evaluations_per_example must be >= 1, got {max_evaluations_per_example}')
+  if max_divergence is not None and not max_divergence >= 0:
+    raise ValueError(f'max_divergence must be >= 0, got {max_divergence}')
   check_layer_index(model, layer_index)
   started = time.monotonic()
   clean_outputs, states = jax.jit(model.forward)(params, batch)
@@ -151,16 +184,29 @@ def erasure_search(model: MaskableModel, params, batch: dict, *, layer_index: in
   real_positions = [np.flatnonzero(row) for row in mask]
   lengths = np.array([len(positions) for positions in real_positions])
   baseline = jnp.zeros((), jnp.float32) if baseline is None else jnp.asarray(baseline, jnp.float32)
-  evaluate = make_subset_evaluator(model, layer_index)
+  evaluate = make_subset_evaluator(model, layer_index) if evaluator is None else evaluator
 
   keep = np.zeros((num_examples, seq), np.float32)
   size = np.full(num_examples, -1)
   divergence = np.full(num_examples, np.nan)
   num_optimal = np.zeros(num_examples, np.int64)
+  optimal_keeps = ([np.zeros((0, seq), np.float32) for _ in range(num_examples)]
+                   if return_optimal else None)
+  optimal_divergences = ([np.zeros((0,), np.float64) for _ in range(num_examples)]
+                         if return_optimal else None)
+  extras = (optimal_keeps, optimal_divergences)
   evaluations = 0
+  spent = np.zeros(num_examples, np.int64)  # evaluations per example
+  gave_up = np.zeros(num_examples, bool)
   unresolved = lengths >= min_size
   for subset_size in range(min_size, seq + 1):
     candidates = np.flatnonzero(unresolved & (lengths >= subset_size))
+    if max_evaluations_per_example is not None:
+      over = [i for i in candidates if spent[i] + math.comb(int(lengths[i]), subset_size)
+              > max_evaluations_per_example]
+      gave_up[over] = True
+      unresolved[over] = False
+      candidates = np.setdiff1d(candidates, over)
     if len(candidates) == 0:
       break
     needed = int(sum(math.comb(int(lengths[i]), subset_size) for i in candidates))
@@ -168,7 +214,7 @@ def erasure_search(model: MaskableModel, params, batch: dict, *, layer_index: in
       return _budget_hit(on_budget, f'erasure search: {len(candidates)} examples unresolved at '
                          f'{subset_size} kept positions after {evaluations} evaluations; that '
                          f'size needs {needed} more (max_evaluations={max_evaluations})',
-                         keep, size, divergence, num_optimal, evaluations)
+                         keep, size, divergence, num_optimal, evaluations, extras)
     # every (example, subset) pair of this size, as example indices and keep masks
     example_index = np.concatenate([
         np.full(math.comb(int(lengths[i]), subset_size), i) for i in candidates])
@@ -186,7 +232,7 @@ def erasure_search(model: MaskableModel, params, batch: dict, *, layer_index: in
         return _budget_hit(on_budget, f'erasure search: {int(unresolved.sum())} examples '
                            f'unresolved at {subset_size} kept positions after {evaluations} '
                            f'evaluations and {max_seconds:g} s (max_seconds)',
-                           keep, size, divergence, num_optimal, evaluations)
+                           keep, size, divergence, num_optimal, evaluations, extras)
       stop = min(start + pairs_per_call, needed)
       # pad the last call to the same shape, so one program serves every call
       indices = np.resize(example_index[start:stop], pairs_per_call)
@@ -198,10 +244,13 @@ def erasure_search(model: MaskableModel, params, batch: dict, *, layer_index: in
       confidence[start:stop] = np.asarray(chunk_confidence)[:stop - start]
       evaluations += stop - start
     valid = predicted == target[example_index]
+    if max_divergence is not None:
+      valid &= kl <= max_divergence
     # an example's pairs are contiguous: offsets delimit them
     offsets = np.concatenate([[0], np.cumsum([math.comb(int(lengths[i]), subset_size)
                                               for i in candidates])])
     for i, begin, end in zip(candidates, offsets[:-1], offsets[1:]):
+      spent[i] += end - begin
       rows = begin + np.flatnonzero(valid[begin:end])
       if len(rows):
         cost = -confidence[rows] if tie_break == 'confidence' else kl[rows]
@@ -209,11 +258,21 @@ def erasure_search(model: MaskableModel, params, batch: dict, *, layer_index: in
         keep[i], size[i], divergence[i] = keep_masks[best], subset_size, kl[best]
         num_optimal[i] = len(rows)
         unresolved[i] = False
-  return ErasureResult(keep, size, size >= 0, divergence, num_optimal, evaluations, True)
+        if return_optimal:
+          optimal_keeps[i], optimal_divergences[i] = keep_masks[rows], kl[rows]
+  return _result(keep, size, divergence, num_optimal, evaluations, not gave_up.any(), extras)
+
+
+def _result(keep, size, divergence, num_optimal, evaluations: int, complete: bool,
+            extras) -> ErasureResult:
+  optimal_keeps, optimal_divergences = (None if extra is None else tuple(extra)
+                                        for extra in extras)
+  return ErasureResult(keep, size, size >= 0, divergence, num_optimal, evaluations, complete,
+                       optimal_keeps, optimal_divergences)
 
 
 def _budget_hit(on_budget: str, message: str, keep, size, divergence, num_optimal,
-                evaluations: int) -> ErasureResult:
+                evaluations: int, extras) -> ErasureResult:
   if on_budget == 'raise':
     raise ErasureBudgetExceeded(message)
-  return ErasureResult(keep, size, size >= 0, divergence, num_optimal, evaluations, False)
+  return _result(keep, size, divergence, num_optimal, evaluations, False, extras)

@@ -1,0 +1,364 @@
+"""A small recurrent SST-5 classifier whose forward passes are cheap enough for exact erasure.
+
+``word ids -> embedding (h0) -> (bi)directional GRU or LSTM (h1) -> linear
+classifier on the final states``: the forward direction's state at the last
+real word and, when bidirectional, the backward direction's state at the first
+word (the backward RNN reads only the real words, so padding never reaches
+the classifier). Words are lower-cased; the vocabulary is the words of the
+training sentences seen at least ``min_count`` times, the rest map to
+``<unk>``. It serves the per-example mask search of the paper's sec. 4.2.1
+(Table 2): exact erasure tries tens of thousands of subsets per sentence,
+which a BERT cannot afford on a CPU and this model can.
+
+It implements :class:`dmx.models.base.MaskableModel` over two states, ``h0``
+the word embeddings and ``h1`` the RNN outputs per position; batches are dicts
+with ``input_ids`` ``(batch, seq)`` int32 and ``mask`` ``(batch, seq)`` bool.
+:func:`train_recurrent_classifier` trains it with Adam (dropout on the
+embeddings, the best dev epoch kept) and :func:`save_recurrent` /
+:func:`load_recurrent` store the parameters with their config and vocabulary
+(a :mod:`dmx.checkpoint` folder).
+
+The toy model's GRU (:mod:`dmx.models.toy`) is one flax line,
+``nn.RNN(nn.GRUCell)``, reading the padding; this one passes ``seq_lengths``
+so that padding is never read, which is what makes an example's outputs
+independent of how far its batch is padded.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from dmx import checkpoint
+from dmx.data.common import batch_indices
+
+PAD, UNK = '<pad>', '<unk>'
+PAD_ID, UNK_ID = 0, 1
+CELLS = ('gru', 'lstm')
+STATE_NAMES = ('embedding', 'recurrent')
+MODEL_KIND = 'dmx recurrent classifier'
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentConfig:
+  """Sizes of the recurrent classifier.
+
+  Attributes:
+    vocab_size: rows of the embedding table (``<pad>`` and ``<unk>`` included).
+    embedding_dim: width of ``h0``.
+    hidden_dim: width of each direction's RNN state.
+    cell: ``'gru'`` or ``'lstm'``.
+    bidirectional: add a backward RNN; ``h1`` is then ``2 * hidden_dim`` wide.
+    num_classes: output classes (SST-5: 5).
+  """
+  vocab_size: int
+  embedding_dim: int = 64
+  hidden_dim: int = 64
+  cell: str = 'gru'
+  bidirectional: bool = True
+  num_classes: int = 5
+
+  def __post_init__(self):
+    if self.cell not in CELLS:
+      raise ValueError(f'cell must be one of {CELLS}, got {self.cell!r}')
+    if self.vocab_size < 2:
+      raise ValueError(f'vocab_size must be >= 2 (<pad> and <unk>), got {self.vocab_size}')
+    for name in ('embedding_dim', 'hidden_dim', 'num_classes'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+
+  @property
+  def recurrent_dim(self) -> int:
+    return self.hidden_dim * (2 if self.bidirectional else 1)
+
+  @classmethod
+  def tiny(cls, vocab_size: int, **overrides) -> 'RecurrentConfig':
+    return cls(vocab_size=vocab_size, **{'embedding_dim': 8, 'hidden_dim': 8, **overrides})
+
+
+class Vocabulary(NamedTuple):
+  """Words by id (``words[0] = '<pad>'``, ``words[1] = '<unk>'``) and the inverse map."""
+  words: tuple[str, ...]
+  ids: dict
+
+  @classmethod
+  def from_words(cls, words: Sequence[str]) -> 'Vocabulary':
+    words = tuple(words)
+    if words[:2] != (PAD, UNK):
+      raise ValueError(f'a vocabulary starts with {PAD!r}, {UNK!r}; got {words[:2]}')
+    if len(set(words)) != len(words):
+      raise ValueError('a vocabulary lists each word once')
+    return cls(words, {word: index for index, word in enumerate(words)})
+
+  def __len__(self) -> int:
+    return len(self.words)
+
+  def lookup(self, word: str) -> int:
+    return self.ids.get(word.lower(), UNK_ID)
+
+
+def build_vocabulary(sentences: Sequence[Sequence[str]], min_count: int = 2) -> Vocabulary:
+  """The lower-cased words seen at least ``min_count`` times, most frequent first (ties: alphabetical).
+
+  Words seen less often become ``<unk>``, which then has training examples.
+  """
+  if min_count < 1:
+    raise ValueError(f'min_count must be >= 1, got {min_count}')
+  counts = collections.Counter(word.lower() for words in sentences for word in words)
+  kept = sorted((word for word, count in counts.items() if count >= min_count and
+                 word not in (PAD, UNK)), key=lambda word: (-counts[word], word))
+  return Vocabulary.from_words((PAD, UNK, *kept))
+
+
+def encode_words(sentences: Sequence[Sequence[str]], vocabulary: Vocabulary,
+                 length: int | None = None) -> dict:
+  """The model's batch for tokenised sentences: ``input_ids`` ``(N, S)`` int32, ``mask`` ``(N, S)`` bool.
+
+  ``S`` is ``length``, or the longest sentence when ``None``. Raises ValueError
+  for an empty sentence or one longer than ``length``.
+  """
+  lengths = [len(words) for words in sentences]
+  if any(n == 0 for n in lengths):
+    raise ValueError(f'sentence {lengths.index(0)} has no words')
+  longest = max(lengths, default=1)
+  length = longest if length is None else length
+  if longest > length:
+    raise ValueError(f'a sentence has {longest} words, more than length={length}')
+  input_ids = np.full((len(sentences), length), PAD_ID, np.int32)
+  for row, words in enumerate(sentences):
+    input_ids[row, :len(words)] = [vocabulary.lookup(word) for word in words]
+  mask = np.arange(length)[None, :] < np.asarray(lengths)[:, None]
+  return {'input_ids': input_ids, 'mask': mask}
+
+
+def _cell(config: RecurrentConfig):
+  if config.cell == 'gru':
+    return nn.GRUCell(features=config.hidden_dim)
+  return nn.OptimizedLSTMCell(features=config.hidden_dim)
+
+
+def last_real_state(states: jax.Array, mask: jax.Array) -> jax.Array:
+  """``(batch, seq, dim), (batch, seq) -> (batch, dim)``: the state at each row's last real position."""
+  last = jnp.maximum(jnp.sum(mask, axis=-1).astype(jnp.int32) - 1, 0)
+  return jnp.take_along_axis(states, last[:, None, None], axis=1)[:, 0]
+
+
+class RecurrentClassifier(nn.Module):
+  """Flax module; its methods are the stages between the states ``h0`` and ``h1``."""
+  config: RecurrentConfig
+
+  def setup(self):
+    c = self.config
+    self.embedding = nn.Embed(c.vocab_size, c.embedding_dim)
+    self.forward_rnn = nn.RNN(_cell(c))
+    if c.bidirectional:
+      # keep_order: outputs stay aligned with the input, so the backward final
+      # state sits at position 0; seq_lengths makes it read only real words
+      self.backward_rnn = nn.RNN(_cell(c), reverse=True, keep_order=True)
+    self.classifier = nn.Dense(c.num_classes)
+
+  def embed(self, input_ids):
+    """``(batch, seq) int -> h0 (batch, seq, embedding_dim)``."""
+    return self.embedding(input_ids)
+
+  def recurrent(self, embedded, mask):
+    """``h0 (batch, seq, e), mask (batch, seq) -> h1 (batch, seq, recurrent_dim)``."""
+    lengths = jnp.sum(mask, axis=-1).astype(jnp.int32)
+    outputs = self.forward_rnn(embedded, seq_lengths=lengths)
+    if self.config.bidirectional:
+      outputs = jnp.concatenate([outputs, self.backward_rnn(embedded, seq_lengths=lengths)], -1)
+    return outputs
+
+  def classify(self, recurrent_states, mask):
+    """Logits ``(batch, num_classes)`` from the final state(s) of ``h1``."""
+    hidden = self.config.hidden_dim
+    final = last_real_state(recurrent_states[..., :hidden], mask)
+    if self.config.bidirectional:
+      final = jnp.concatenate([final, recurrent_states[:, 0, hidden:]], axis=-1)
+    return self.classifier(final)
+
+  def __call__(self, input_ids, mask):
+    h0 = self.embed(input_ids)
+    h1 = self.recurrent(h0, mask)
+    return self.classify(h1, mask), (h0, h1)
+
+
+class RecurrentModel:
+  """A :class:`dmx.models.base.MaskableModel` over :class:`RecurrentClassifier`.
+
+  States: ``h0`` the word embeddings, ``h1`` the RNN outputs. Batches are
+  dicts with ``input_ids`` and ``mask`` (see :func:`encode_words`).
+  """
+
+  def __init__(self, config: RecurrentConfig):
+    self.config = config
+    self.module = RecurrentClassifier(config)
+
+  @property
+  def state_dims(self) -> tuple[int, ...]:
+    return (self.config.embedding_dim, self.config.recurrent_dim)
+
+  def init(self, key: jax.Array, length: int = 8):
+    return self.module.init(key, jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), bool))
+
+  def forward(self, params, batch):
+    """Clean pass: ``(logits (batch, num_classes), (h0, h1))``."""
+    return self.module.apply(params, batch['input_ids'], batch['mask'])
+
+  def forward_from(self, params, batch, states, layer_index, intervention):
+    """Masked pass from state ``layer_index`` (traced is fine: ``lax.switch``)."""
+    mask = batch['mask']
+
+    def from_embedding(params, states):
+      h0 = intervention(0, states[0])
+      h1 = self.module.apply(params, h0, mask, method=RecurrentClassifier.recurrent)
+      return self.module.apply(params, h1, mask, method=RecurrentClassifier.classify)
+
+    def from_recurrent(params, states):
+      h1 = intervention(1, states[1])
+      return self.module.apply(params, h1, mask, method=RecurrentClassifier.classify)
+
+    if isinstance(layer_index, int):
+      return (from_embedding, from_recurrent)[layer_index](params, states)
+    return jax.lax.switch(layer_index, (from_embedding, from_recurrent), params, tuple(states))
+
+
+class TrainedRecurrent(NamedTuple):
+  """A trained classifier: the model, its parameters, vocabulary and training record.
+
+  ``history`` holds one dict per epoch (``epoch``, ``loss``, ``dev_accuracy``);
+  ``dev_accuracy`` is the kept epoch's.
+  """
+  model: RecurrentModel
+  params: dict
+  vocabulary: Vocabulary
+  dev_accuracy: float
+  history: list
+
+
+def make_predictor(model: RecurrentModel) -> Callable:
+  """A jitted ``(params, batch) -> (batch,)`` argmax of the logits (build once, call often)."""
+  return jax.jit(lambda params, batch: jnp.argmax(model.forward(params, batch)[0], axis=-1))
+
+
+def accuracy(model: RecurrentModel, params, batch: dict, labels: np.ndarray,
+             batch_size: int = 256, predict: Callable | None = None) -> float:
+  """Fraction of the rows of ``batch`` (numpy arrays) whose argmax equals ``labels``.
+
+  ``predict`` is a :func:`make_predictor` to reuse (one compilation across calls).
+  """
+  predict = make_predictor(model) if predict is None else predict
+  labels = np.asarray(labels)
+  correct = 0
+  for indices in batch_indices(len(labels), batch_size):
+    rows = {name: value[indices] for name, value in batch.items()}
+    correct += int(np.sum(np.asarray(predict(params, rows)) == labels[indices]))
+  return correct / max(len(labels), 1)
+
+
+def train_recurrent_classifier(train_sentences: Sequence[Sequence[str]], train_labels,
+                               dev_sentences: Sequence[Sequence[str]], dev_labels, *,
+                               config_overrides: dict | None = None, min_count: int = 2,
+                               seed: int = 0, epochs: int = 10, batch_size: int = 32,
+                               learning_rate: float = 2e-3, weight_decay: float = 1e-4,
+                               embedding_dropout: float = 0.3, progress: bool = True,
+                               log: Callable[[str], None] | None = None) -> TrainedRecurrent:
+  """Trains a :class:`RecurrentModel` with AdamW and cross-entropy; keeps the best dev epoch.
+
+  The vocabulary is built from ``train_sentences`` (:func:`build_vocabulary`).
+  Dropout (rate ``embedding_dropout``) is applied to ``h0`` through
+  ``forward_from``, so training and masking share one code path. Batches are
+  padded to the longest training sentence (one compiled step).
+
+  Args:
+    train_sentences, dev_sentences: lists of words per sentence.
+    train_labels, dev_labels: ``(N,)`` ints in ``[0, num_classes)``.
+    config_overrides: fields of :class:`RecurrentConfig` besides ``vocab_size``.
+  """
+  if epochs < 1 or batch_size < 1:
+    raise ValueError(f'epochs and batch_size must be >= 1, got {epochs}, {batch_size}')
+  if not 0.0 <= embedding_dropout < 1.0:
+    raise ValueError(f'embedding_dropout must lie in [0, 1), got {embedding_dropout}')
+  vocabulary = build_vocabulary(train_sentences, min_count)
+  config = RecurrentConfig(vocab_size=len(vocabulary), **(config_overrides or {}))
+  model = RecurrentModel(config)
+  train = encode_words(train_sentences, vocabulary)
+  dev = encode_words(dev_sentences, vocabulary)
+  train_labels = np.asarray(train_labels, np.int32)
+  dev_labels = np.asarray(dev_labels, np.int32)
+  if train_labels.min() < 0 or train_labels.max() >= config.num_classes:
+    raise ValueError(f'labels must lie in [0, {config.num_classes})')
+  key = jax.random.key(seed)
+  params = model.init(key)
+  optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def train_step(params, opt_state, batch, labels, key):
+    def loss_fn(params):
+      _, states = model.forward(params, batch)
+      keep = jax.random.bernoulli(key, 1.0 - embedding_dropout, states[0].shape)
+      dropped = lambda index, h0: jnp.where(keep, h0 / (1.0 - embedding_dropout), 0.0)
+      logits = model.forward_from(params, batch, states, 0, dropped)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  predict = make_predictor(model)
+  rng = np.random.default_rng(seed)
+  best_params, best_accuracy, history = params, -1.0, []
+  bar = tqdm(range(epochs), desc='recurrent classifier', unit='epoch', disable=not progress)
+  for epoch in bar:
+    losses = []
+    for indices in batch_indices(len(train_labels), batch_size, rng, drop_remainder=True):
+      key, step_key = jax.random.split(key)
+      batch = {name: value[indices] for name, value in train.items()}
+      params, opt_state, loss = train_step(params, opt_state, batch, train_labels[indices],
+                                           step_key)
+      losses.append(loss)
+    dev_accuracy = accuracy(model, params, dev, dev_labels, predict=predict)
+    history.append(dict(epoch=epoch, loss=float(np.mean(jax.device_get(losses))),
+                        dev_accuracy=dev_accuracy))
+    bar.set_postfix(loss=f'{history[-1]["loss"]:.3f}', dev=f'{dev_accuracy:.3f}')
+    if log is not None:
+      log(f'epoch {epoch}: loss {history[-1]["loss"]:.4f}, dev accuracy {dev_accuracy:.4f}')
+    if dev_accuracy > best_accuracy:
+      best_params, best_accuracy = jax.tree_util.tree_map(jnp.array, params), dev_accuracy
+  return TrainedRecurrent(model, best_params, vocabulary, best_accuracy, history)
+
+
+def save_recurrent(path: str | os.PathLike, trained: TrainedRecurrent,
+                   extra_metadata: dict | None = None) -> Path:
+  """Writes the parameters, config, vocabulary and history to the checkpoint folder ``path``."""
+  metadata = dict(kind=MODEL_KIND, config=dataclasses.asdict(trained.model.config),
+                  vocabulary=list(trained.vocabulary.words), dev_accuracy=trained.dev_accuracy,
+                  history=trained.history, **(extra_metadata or {}))
+  return checkpoint.save(path, trained.params, metadata)
+
+
+def load_recurrent(path: str | os.PathLike) -> tuple[TrainedRecurrent, dict]:
+  """The classifier :func:`save_recurrent` wrote, and its full metadata.
+
+  Raises :class:`dmx.checkpoint.CheckpointError` when ``path`` holds no
+  recurrent classifier.
+  """
+  metadata = checkpoint.read_metadata(path)
+  if metadata.get('kind') != MODEL_KIND:
+    raise checkpoint.CheckpointError(f'{path}: not a {MODEL_KIND} (kind {metadata.get("kind")!r})')
+  model = RecurrentModel(RecurrentConfig(**metadata['config']))
+  target = model.init(jax.random.key(0))
+  params = checkpoint.restore(path, target)
+  vocabulary = Vocabulary.from_words(metadata['vocabulary'])
+  return TrainedRecurrent(model, params, vocabulary, metadata['dev_accuracy'],
+                          metadata['history']), metadata

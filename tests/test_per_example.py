@@ -1,0 +1,151 @@
+"""Tests of per-example DiffMask and REINFORCE (dmx.baselines.per_example).
+
+The right answers are known independently: a model that reads one position
+only (keep that one, erase the rest), and an additive threshold model whose
+optimum under the KL constraint is enumerated exhaustively by
+``erasure_search(..., max_divergence=margin)``. The score-function pieces are
+checked against their closed forms in numpy.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dmx import relaxations
+from dmx.baselines.erasure import erasure_search
+from dmx.baselines.per_example import (per_example_diffmask, per_example_masks,
+                                       per_example_reinforce)
+from known_models import OneTokenModel, ThresholdModel
+
+METHODS = [pytest.param(per_example_diffmask, id='diffmask'),
+           pytest.param(per_example_reinforce, id='reinforce')]
+
+
+def one_token_batch():
+  """Three examples of lengths 4, 1 and 3 (padding after), position 0 decisive in each."""
+  rng = np.random.default_rng(0)
+  inputs = rng.normal(size=(3, 4, 2)).astype(np.float32)
+  inputs[:, 0] = [[1.0, 0.5], [-1.0, -0.5], [0.8, 0.9]]
+  mask = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]], bool)
+  return {'inputs': jnp.asarray(inputs), 'mask': jnp.asarray(mask)}, {'u': jnp.array([1.0, 1.0])}
+
+
+FAST = dict(steps=300, margin=0.05, learning_rate=0.1, samples=2)
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_keeps_exactly_the_position_that_matters(method):
+  batch, params = one_token_batch()
+  result = method(OneTokenModel(), params, batch, key=jax.random.key(1), **FAST)
+  # position 0 kept, every other real position erased, padding reported as 0
+  np.testing.assert_array_equal(result.mask, [[1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]])
+  assert bool(result.keeps_prediction.all())
+  np.testing.assert_allclose(result.divergence, 0.0, atol=1e-6)
+  assert float(result.keep_prob[0, 0]) > 0.5 and float(result.keep_prob[0, 1:].max()) < 0.5
+  assert float(jnp.abs(result.keep_prob * ~batch['mask']).max()) == 0.0
+  assert result.steps == FAST['steps']
+
+
+def additive_batch():
+  # at margin 0.04. A single gate whose erasure costs KL d has the fractional
+  # optimum P(open) = 1 - margin / d under the expected constraint, so a
+  # deterministic answer needs d > 2 * margin for the positions that must stay
+  inputs = np.array([[0.9, 0.05, 0.8, 0.1, 0.0],   # clean 1.85: keep {0, 2} (KL 0.032)
+                     [2.0, 1.0, 0.0, 0.0, 0.0],    # clean 3.0: keep {0, 1}; {0} costs 0.115
+                     [0.7, 0.7, 0.6, 0.0, 0.0]],   # clean 2.0: keep all three (any pair flips)
+                    np.float32)[..., None]
+  mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
+  return {'inputs': jnp.asarray(inputs), 'mask': jnp.asarray(mask)}
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_matches_the_exhaustive_optimum_of_the_constrained_problem(method):
+  batch, margin = additive_batch(), 0.04
+  exact = erasure_search(ThresholdModel(), {}, batch, max_divergence=margin, return_optimal=True)
+  # the reference is exhaustive enumeration; each optimum here is unique
+  np.testing.assert_array_equal(exact.num_optimal, [1, 1, 1])
+  np.testing.assert_array_equal(exact.keep, [[1, 0, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+  result = method(ThresholdModel(), {}, batch, key=jax.random.key(0), steps=800, margin=margin,
+                  learning_rate=0.1, samples=4)
+  np.testing.assert_array_equal(result.mask, exact.keep)
+  assert bool(result.keeps_prediction.all())
+  assert float(result.divergence.max()) <= margin
+
+
+@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('initial_logit', [-1e4, 1e4])
+def test_finite_at_extreme_logits_and_confident_models(method, initial_logit):
+  batch, params = one_token_batch()
+  # a saturated model (logits of +-1e4): the erased pass's KL is huge
+  result = method(OneTokenModel(scale=1e4), params, batch, steps=5, initial_logit=initial_logit,
+                  learning_rate=1e3, margin=0.0)
+  for value in result[:-1]:
+    assert np.all(np.isfinite(np.asarray(value, np.float64)))
+  assert float(jnp.abs(result.mask * ~batch['mask']).max()) == 0.0
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_length_one_input(method):
+  params = {'u': jnp.array([1.0, 1.0])}
+  batch = {'inputs': jnp.array([[[0.7, 0.2]]]), 'mask': jnp.array([[True]])}
+  result = method(OneTokenModel(), params, batch, **FAST)
+  np.testing.assert_array_equal(result.mask, [[1.0]])
+  assert result.keep_prob.shape == (1, 1) and bool(result.keeps_prediction[0])
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_jit_progress_and_plain_agree(method, jit_or_not):
+  batch, params = one_token_batch()
+  options = dict(steps=10, margin=0.05, learning_rate=0.2, samples=2)
+  run = jit_or_not(functools.partial(method, OneTokenModel(), **options))
+  result = run(params, batch, key=jax.random.key(3))
+  chunked = method(OneTokenModel(), params, batch, key=jax.random.key(3), progress=True,
+                   chunk_steps=5, **options)
+  np.testing.assert_allclose(result.logits, chunked.logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(result.multiplier, chunked.multiplier, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(result.mask, chunked.mask)
+
+
+def test_reinforce_gradient_is_the_score_function_estimate():
+  """One step's logit gradient, by hand: lambda * (D - b) * (z - sigmoid(a)) / samples + L0's."""
+  logits = jnp.array([[0.3, -0.7, 1.1]])
+  mask = jnp.array([[True, True, False]])
+  gates = jnp.array([[1.0, 0.0, 1.0]])
+  relaxation = relaxations.reinforce()
+  reward = jnp.array([0.8])
+
+  def surrogate(a):
+    return relaxations.score_function_surrogate(reward, relaxation.log_prob(gates, a), mask).sum()
+
+  assert float(surrogate(logits)) == 0.0
+  grad = np.asarray(jax.grad(surrogate)(logits))
+  a = np.asarray(logits, np.float64)
+  expected = 0.8 * (np.asarray(gates) - 1.0 / (1.0 + np.exp(-a))) * np.asarray(mask)
+  np.testing.assert_allclose(grad, expected, rtol=1e-6)
+
+
+def test_bias_corrected_moving_average():
+  decay, values = 0.9, [0.5, 2.0, 1.0]
+  average = jnp.zeros(())
+  for count, value in enumerate(values, start=1):
+    average = relaxations.moving_average(average, value, decay)
+    weights = np.array([(1 - decay) * decay ** (count - 1 - k) for k in range(count)])
+    np.testing.assert_allclose(relaxations.bias_corrected_average(average, count, decay),
+                               np.dot(weights, values[:count]) / weights.sum(), rtol=1e-6)
+  assert float(relaxations.bias_corrected_average(jnp.ones(()), 0, decay)) == 0.0
+
+
+@pytest.mark.parametrize('options, match', [
+    (dict(steps=0), 'steps'), (dict(samples=0), 'samples'), (dict(margin=-1.0), 'margin'),
+    (dict(learning_rate=0.0), 'learning_rate'), (dict(sparsity='l1'), 'sparsity'),
+    (dict(baseline_decay=1.0), 'baseline_decay'), (dict(layer_index=1), 'layer_index'),
+    (dict(multiplier_init=1e6), 'multiplier_init'), (dict(optimizer='sgd'), 'optimizer'),
+])
+def test_bad_arguments_are_one_line_errors(options, match):
+  batch, params = one_token_batch()
+  with pytest.raises(ValueError, match=match):
+    per_example_masks(OneTokenModel(), params, batch, relaxation=relaxations.hard_concrete(),
+                      **options)
