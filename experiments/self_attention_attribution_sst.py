@@ -25,6 +25,7 @@ from tqdm import tqdm  # pylint: disable=wrong-import-position
 from dmx import viz  # pylint: disable=wrong-import-position
 from dmx.baselines import attention  # pylint: disable=wrong-import-position
 from dmx.data import sst  # pylint: disable=wrong-import-position
+from dmx.data.common import length_sorted_index_batches  # pylint: disable=wrong-import-position
 from dmx.models.hf_import import load_pretrained  # pylint: disable=wrong-import-position
 
 LENGTH_BUCKET = 16  # pad each batch to a multiple of this: few distinct shapes, few compilations
@@ -32,15 +33,10 @@ LENGTH_BUCKET = 16  # pad each batch to a multiple of this: few distinct shapes,
 
 def length_sorted_batches(features: sst.SstFeatures, batch_size: int):
   """``(indices, batch, labels)`` triples over sentences sorted by length, padding trimmed."""
-  lengths = features.mask.sum(axis=1)
-  order = np.argsort(lengths, kind='stable')
-  for start in range(0, len(order), batch_size):
-    indices = order[start:start + batch_size]
-    width = int(min(features.mask.shape[1],
-                    -(-lengths[indices].max() // LENGTH_BUCKET) * LENGTH_BUCKET))
+  for indices, width in length_sorted_index_batches(features.mask.sum(axis=1), batch_size,
+                                                    LENGTH_BUCKET, features.mask.shape[1]):
     chunk = features.take(indices)
-    batch = {key: value[:, :width] for key, value in chunk.as_batch().items()}
-    yield indices, batch, chunk.labels
+    yield indices, {key: value[:, :width] for key, value in chunk.as_batch().items()}, chunk.labels
 
 
 def plot_head_importance(importance: np.ndarray, title: str):
@@ -62,7 +58,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--model', default='runs/sst_minilm/model',
                       help='fine-tuned SST-5 classifier folder (Hugging Face format)')
-  parser.add_argument('--data-dir', default=None, help='folder holding sst/dev.txt')
+  parser.add_argument('--data', default=None, dest='data_dir',
+                      help='folder holding sst/ (default ../shared/data)')
   parser.add_argument('--split', default='dev', choices=sst.SPLITS)
   parser.add_argument('--num-sentences', type=int, default=200)
   parser.add_argument('--batch-size', type=int, default=16)

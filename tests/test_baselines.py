@@ -243,6 +243,12 @@ def test_state_statistics_over_real_tokens(linear):
   states = np.asarray(model.forward(params, batch)[1][1])
   np.testing.assert_allclose(mean_p[0], states[:, 0].mean(0), rtol=1e-5)  # position 0: all real
   np.testing.assert_allclose(mean_p[4], states[0, 4], rtol=1e-5)  # position 4: one example
+  every = baselines.states_statistics(model, params, halves)  # one pass, every state
+  assert len(every) == len(model.state_dims)
+  for layer_index, (mean_k, std_k) in enumerate(every):
+    reference = np.asarray(model.forward(params, batch)[1][layer_index])[np.asarray(batch['mask'])]
+    np.testing.assert_allclose(mean_k, reference.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std_k, reference.std(0), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize('call, message', [

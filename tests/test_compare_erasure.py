@@ -161,7 +161,7 @@ def test_bad_config_is_a_one_line_error():
 def test_missing_data_is_a_one_line_error(tmp_path):
   parser = argparse.ArgumentParser()
   compare_erasure.add_arguments(parser)
-  args = parser.parse_args(['--out', str(tmp_path / 'out'), '--data-dir', str(tmp_path / 'none'),
+  args = parser.parse_args(['--out', str(tmp_path / 'out'), '--data', str(tmp_path / 'none'),
                             '--no-progress'])
   with pytest.raises(ValueError, match='SST train split not found'):
     compare_erasure.run_from_args(args)

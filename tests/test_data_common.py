@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dmx.data.common import bucketed_batches, length_buckets
+from dmx.data.common import bucketed_batches, length_buckets, length_sorted_index_batches
 
 
 def test_length_buckets_cover_every_example_once_and_fit_its_length():
@@ -50,3 +50,13 @@ def test_bucket_errors():
     length_buckets(np.array([3]), 4, 0, 8)
   with pytest.raises(ValueError, match='no examples'):
     next(bucketed_batches([], 4, 0))
+
+
+def test_length_sorted_index_batches_cover_every_example_once_in_length_order():
+  lengths = np.array([9, 3, 17, 3, 0, 40, 12])
+  batches = list(length_sorted_index_batches(lengths, 3, width=8, max_length=32))
+  assert [list(rows) for rows, _ in batches] == [[4, 1, 3], [0, 6, 2], [5]]
+  # the longest of each batch, rounded up to the width and capped at the padded length
+  assert [padded for _, padded in batches] == [8, 24, 32]
+  with pytest.raises(ValueError, match='width'):
+    next(length_sorted_index_batches(lengths, 3, width=0, max_length=32))

@@ -37,7 +37,8 @@ from dmx.baselines.per_example import (PerExampleMasks, per_example_diffmask, pe
                                        per_example_reinforce)
 from dmx.baselines.occlusion import OcclusionAttribution, occlusion
 from dmx.baselines.schulz import (SCHULZ_ATTRIBUTIONS, BottleneckAttribution,
-                                  information_bottleneck, state_statistics)
+                                  information_bottleneck, state_statistics,
+                                  states_statistics)
 
 __all__ = ['PRUNING_ORDERS', 'AttentionAttribution', 'AttributionTree', 'HeadImportance',
            'PruningCurve', 'TreeEdge', 'attribution_tree', 'format_attribution_tree',
@@ -50,4 +51,4 @@ __all__ = ['PRUNING_ORDERS', 'AttentionAttribution', 'AttributionTree', 'HeadImp
            'LimeAttribution', 'NoiseScaleAttribution', 'OcclusionAttribution', 'erasure_search',
            'gradient_attribution', 'guan_noise_scales', 'information_bottleneck',
            'integrated_gradients', 'lime', 'lime_masks', 'occlusion', 'path_quadrature',
-           'state_statistics']
+           'state_statistics', 'states_statistics']

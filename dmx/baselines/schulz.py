@@ -30,7 +30,7 @@ uses the original DiffMask code's settings (500 steps of centered RMSprop at
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,22 +72,40 @@ def state_statistics(model: MaskableModel, params, batches: Iterable[dict], laye
   ``per_position`` (the original DiffMask code's toy statistics; a position
   that no batch fills gets the pooled values).
   """
-  check_layer_index(model, layer_index)
-  forward = jax.jit(lambda p, b: model.forward(p, b)[1][layer_index])
-  count = total = squares = None
+  return states_statistics(model, params, batches, (layer_index,), per_position)[0]
+
+
+def states_statistics(model: MaskableModel, params, batches: Iterable[dict],
+                      layer_indices: Sequence[int] | None = None, per_position: bool = False
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """:func:`state_statistics` of several states from one pass over ``batches``.
+
+  ``layer_indices``: the states ``h_l`` (``None``: every state). Returns one
+  ``(mean, std)`` per index, in order.
+  """
+  if layer_indices is None:
+    layer_indices = tuple(range(len(model.state_dims)))
+  for layer_index in layer_indices:
+    check_layer_index(model, layer_index)
+  forward = jax.jit(lambda p, b: [model.forward(p, b)[1][k] for k in layer_indices])
+  axes = (0,) if per_position else (0, 1)
+  sums = None  # per state: (count, total, squares) in float64
   for batch in batches:
-    state = np.asarray(forward(params, batch), np.float64)
     mask = np.asarray(batch['mask'], np.float64)[..., None]
-    axes = (0,) if per_position else (0, 1)
-    batch_count = (mask * np.ones_like(state)).sum(axis=axes)
-    batch_total = (state * mask).sum(axis=axes)
-    batch_squares = (state ** 2 * mask).sum(axis=axes)
-    if count is None:
-      count, total, squares = batch_count, batch_total, batch_squares
-    else:
-      count, total, squares = count + batch_count, total + batch_total, squares + batch_squares
-  if count is None:
+    batch_sums = []
+    for state in forward(params, batch):
+      state = np.asarray(state, np.float64)
+      batch_sums.append(((mask * np.ones_like(state)).sum(axis=axes),
+                         (state * mask).sum(axis=axes), (state ** 2 * mask).sum(axis=axes)))
+    sums = batch_sums if sums is None else [tuple(a + b for a, b in zip(old, new))
+                                            for old, new in zip(sums, batch_sums)]
+  if sums is None:
     raise ValueError('state_statistics needs at least one batch')
+  return [_mean_and_std(count, total, squares, per_position) for count, total, squares in sums]
+
+
+def _mean_and_std(count, total, squares, per_position: bool) -> tuple[np.ndarray, np.ndarray]:
+  """float32 ``(mean, std)`` from float64 sums over real tokens (see :func:`state_statistics`)."""
   if not np.any(count > 0):
     raise ValueError('state_statistics: the batches hold no real token')
   pooled_count = count.sum(axis=0) if per_position else count

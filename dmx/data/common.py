@@ -104,6 +104,25 @@ def padded_index_batches(num_examples: int, batch_size: int) -> Iterator[tuple[n
     yield np.concatenate([indices, np.full(batch_size - count, indices[-1])]), count
 
 
+def length_sorted_index_batches(lengths: np.ndarray, batch_size: int, width: int,
+                                max_length: int) -> Iterator[tuple[np.ndarray, int]]:
+  """Index arrays of up to ``batch_size`` examples in order of length, and the length to pad to.
+
+  For evaluation over a fixed set: neighbours in length share a batch, and
+  each batch pads to ``min(ceil(longest / width) * width, max_length)``, so
+  short sentences do not pay for long ones and few shapes are compiled.
+  Sorting is stable (equal lengths keep their order); the last batch may be short.
+  """
+  if width < 1:
+    raise ValueError(f'length width must be >= 1, got {width}')
+  lengths = np.asarray(lengths)
+  order = np.argsort(lengths, kind='stable')
+  for start in range(0, len(order), batch_size):
+    indices = order[start:start + batch_size]
+    longest = max(int(lengths[indices].max()), 1)
+    yield indices, min(-(-longest // width) * width, max_length)
+
+
 def padded_batches(features, batch_size: int) -> Iterator[tuple[dict, int]]:
   """In-order model batches of exactly ``batch_size`` rows (:func:`padded_index_batches`).
 

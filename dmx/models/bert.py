@@ -341,6 +341,14 @@ class AttentionPass(NamedTuple):
   attention: jax.Array
 
 
+def _layer_rows(layers_params: Params, index: int | slice) -> Params:
+  """Layer ``index`` (or a slice of layers) of the stacked layer parameters.
+
+  With a static index the slice is free at run time.
+  """
+  return jax.tree.map(lambda leaf: leaf[index], layers_params)
+
+
 class BertModel:
   """A :class:`dmx.models.base.MaskableModel` over a BERT-family encoder.
 
@@ -404,6 +412,15 @@ class BertModel:
                       else jnp.asarray(token_type_ids))
     return input_ids, mask, token_type_ids
 
+  def _embed(self, params: Params, input_ids: jax.Array,
+             token_type_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(h0, h1)``: the word-embedding lookup, then the embedding sum and LayerNorm."""
+    word_embedded = self.embeddings.apply({'params': params['embeddings']}, input_ids,
+                                          method=Embeddings.lookup)
+    embedded = self.embeddings.apply({'params': params['embeddings']}, word_embedded, input_ids,
+                                     token_type_ids, method=Embeddings.combine)
+    return word_embedded, embedded
+
   def _run_layer(self, layer_params: Params, hidden: jax.Array, bias: jax.Array) -> jax.Array:
     return self.layer.apply({'params': layer_params}, hidden, bias)[0]
 
@@ -416,18 +433,14 @@ class BertModel:
     """Clean pass: ``(outputs, (h0, ..., h_{L+1}))``, states ``(batch, seq, hidden)``."""
     input_ids, mask, token_type_ids = self._inputs(batch)
     bias = attention_bias(mask)
-    word_embedded = self.embeddings.apply({'params': params['embeddings']}, input_ids,
-                                          method=Embeddings.lookup)
-    embedded = self.embeddings.apply({'params': params['embeddings']}, word_embedded, input_ids,
-                                     token_type_ids, method=Embeddings.combine)
+    word_embedded, embedded = self._embed(params, input_ids, token_type_ids)
 
     def step(hidden, layer_params):
       hidden = self._run_layer(layer_params, hidden, bias)
       return hidden, hidden
 
     final, layer_outputs = jax.lax.scan(step, embedded, params['layers'])  # (L, b, s, h)
-    states = (word_embedded, embedded) + tuple(
-        layer_outputs[k] for k in range(self.config.num_layers))
+    states = (word_embedded, embedded) + tuple(layer_outputs)  # (L, b, s, h) -> L states
     return self._outputs(params, final, mask), states
 
   def forward_from(self, params: Params, batch: dict, states: tuple[jax.Array, ...],
@@ -507,14 +520,13 @@ class BertModel:
 
     Returns ``(final, outputs (L - first, b, s, h), attention (L - first, b, h, q, k))``.
     """
-    # a static layer index: slicing the stacked parameters costs nothing at run time
-    rows = lambda tree, index: jax.tree.map(lambda leaf: leaf[index], tree)
     hidden, weights = self.layer.apply(
-        {'params': rows(params['layers'], first)}, hidden, bias, attention_edit,
+        {'params': _layer_rows(params['layers'], first)}, hidden, bias, attention_edit,
         None if head_mask is None else head_mask[first])
     rest = slice(first + 1, None)
     final, (outputs, rest_weights) = self._scan_layers(
-        rows(params['layers'], rest), hidden, bias, None if head_mask is None else head_mask[rest])
+        _layer_rows(params['layers'], rest), hidden, bias,
+        None if head_mask is None else head_mask[rest])
     return (final, jnp.concatenate([hidden[None], outputs]),
             jnp.concatenate([weights[None], rest_weights]))
 
@@ -544,10 +556,7 @@ class BertModel:
     head_mask = self.check_head_mask(head_mask)
     input_ids, mask, token_type_ids = self._inputs(batch)
     bias = attention_bias(mask)
-    word_embedded = self.embeddings.apply({'params': params['embeddings']}, input_ids,
-                                          method=Embeddings.lookup)
-    embedded = self.embeddings.apply({'params': params['embeddings']}, word_embedded, input_ids,
-                                     token_type_ids, method=Embeddings.combine)
+    word_embedded, embedded = self._embed(params, input_ids, token_type_ids)
     if attention_edit is None:
       final, (layer_outputs, attention) = self._scan_layers(params['layers'], embedded, bias,
                                                             head_mask)
@@ -555,14 +564,13 @@ class BertModel:
       first = self.check_attention_layer(attention_layer)
       below = slice(0, first)
       hidden, (below_outputs, below_attention) = self._scan_layers(
-          jax.tree.map(lambda leaf: leaf[below], params['layers']), embedded, bias,
+          _layer_rows(params['layers'], below), embedded, bias,
           None if head_mask is None else head_mask[below])
       final, above_outputs, above_attention = self._layers_from(params, hidden, bias, first,
                                                                 head_mask, attention_edit)
       layer_outputs = jnp.concatenate([below_outputs, above_outputs])
       attention = jnp.concatenate([below_attention, above_attention])
-    states = (word_embedded, embedded) + tuple(
-        layer_outputs[k] for k in range(self.config.num_layers))
+    states = (word_embedded, embedded) + tuple(layer_outputs)  # (L, b, s, h) -> L states
     return AttentionPass(self._outputs(params, final, mask), states, attention)
 
   def attention_probabilities(self, params: Params, batch: dict) -> jax.Array:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 def checked_output_folder(value: str | os.PathLike) -> Path:
@@ -21,3 +25,16 @@ def checked_output_folder(value: str | os.PathLike) -> Path:
   if not os.access(parent, os.W_OK | os.X_OK):
     raise ValueError(f'--out {value}: folder {parent} is not writable')
   return path
+
+
+def jsonable(value: Any) -> Any:
+  """Tuples to lists, non-finite floats to None (strict JSON), numpy scalars to Python."""
+  if isinstance(value, dict):
+    return {str(key): jsonable(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [jsonable(item) for item in value]
+  if isinstance(value, (np.floating, float)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value

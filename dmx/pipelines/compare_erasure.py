@@ -490,7 +490,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--model', default=None,
                       help='a saved recurrent classifier folder; default: train one (or reuse '
                       'OUT/recurrent_model)')
-  parser.add_argument('--data-dir', default=None, help='folder holding sst/{train,dev}.txt')
+  parser.add_argument('--data', default=None, dest='data_dir',
+                      help='folder holding sst/{train,dev}.txt (default ../shared/data)')
   parser.add_argument('--split', choices=('train', 'dev', 'test'), default=defaults.split)
   parser.add_argument('--sentences', type=int, default=defaults.num_sentences,
                       help='eligible sentences sampled (0: all)')
@@ -515,7 +516,7 @@ def command_line(args: argparse.Namespace) -> str:
   if args.model is not None:
     parts.append(f'--model {args.model}')
   if args.data_dir is not None:
-    parts.append(f'--data-dir {args.data_dir}')
+    parts.append(f'--data {args.data_dir}')
   parts += [f'--split {args.split}', f'--sentences {args.sentences}',
             f'--max-words {args.max_words}', f'--max-evaluations {args.max_evaluations}',
             f'--seeds {" ".join(map(str, args.seeds))}', f'--steps {args.steps}',

@@ -56,7 +56,7 @@ import optax
 from dmx import attribute, checkpoint, metrics, probes, relaxations, train, viz
 from dmx.data.toy import generate_toy_data, ground_truth_attribution, split_toy_data
 from dmx.models.toy import STATE_NAMES, accuracy
-from dmx.pipelines import diffmask_text
+from dmx.pipelines import diffmask_text, jsonable
 from dmx.pipelines import toy as toy_pipeline
 
 TASKS = ('toy', 'sst')
@@ -222,7 +222,7 @@ def run_compare_relaxations(config: RelaxationComparisonConfig, out_dir: str | P
       'details': details,
       'seconds': time.time() - started,
   }
-  (out_dir / 'report.json').write_text(json.dumps(_jsonable(report), indent=2))
+  (out_dir / 'report.json').write_text(json.dumps(jsonable(report), indent=2))
   (out_dir / 'report.md').write_text(format_markdown(report))
   if rows:
     viz.save_figure(comparison_figure(rows, settings['task']), out_dir / 'relaxations.png')
@@ -244,7 +244,7 @@ def _row_and_details(name: str, dm_config: train.DiffMaskConfig, state, trained_
       grad_variance_quarter_range=trained_variance['quarter_range'],
       grad_variance_at_init=at_init['variance'],
       grad_mean_norm_sq_at_init=at_init['mean_norm_sq'],
-      diffmask_config=_jsonable(dataclasses.asdict(dm_config)),
+      diffmask_config=jsonable(dataclasses.asdict(dm_config)),
       training=history[-1] if history else None)
   js = '' if row['js'] is None else f"D_JS {row['js']:.4f}, "
   log_line = (f"{name}: {js}masked {row['sparsity']:.3f}, agreement {row['agreement']:.3f}, "
@@ -287,7 +287,7 @@ def _compare_on_toy(config: RelaxationComparisonConfig, out_dir: Path, model_dir
     checkpoint.save(out_dir / f'probe_{name}', state.probe_params,
                     dict(gate=config.gate, form=toy.probe_form, relaxation=name,
                          state_dims=list(model.state_dims),
-                         diffmask_config=_jsonable(dataclasses.asdict(dm_config))))
+                         diffmask_config=jsonable(dataclasses.asdict(dm_config))))
 
     attribution = attribute.attribute(model, frozen_params, probe, state.probe_params, dm_config,
                                       val_batch)
@@ -331,6 +331,9 @@ def _compare_on_sst(config: RelaxationComparisonConfig, out_dir: Path, progress:
   log(f'sst: {len(train_features)} training and {len(eval_features)} evaluation sentences; '
       f'gradient variance at depth {layer} on {len(variance_rows)} sentences')
 
+  # the training set's buckets and cached clean pass serve every relaxation
+  buckets = diffmask_text.training_buckets(sst, model, frozen_params, train_features, batch_size,
+                                           log, progress)
   rows, details = {}, {}
   for name in config.names:
     run = dataclasses.replace(sst, relaxation=name)
@@ -338,7 +341,7 @@ def _compare_on_sst(config: RelaxationComparisonConfig, out_dir: Path, progress:
     log(f'{name}: training {run.steps} steps')
     trained = diffmask_text.train_probe(run, model, frozen_params, tokenizer, train_features,
                                         batch_size, out_dir / f'sst_{name}', progress, log,
-                                        dm_config=dm_config)
+                                        dm_config=dm_config, buckets=buckets)
     variance = make_gradient_variance_fn(model, frozen_params, trained.probe, dm_config,
                                          variance_batch, config.variance_draws, layer)
     variance_key = jax.random.fold_in(jax.random.key(sst.seed), 2**31 - 1)
@@ -369,10 +372,6 @@ def _compare_on_sst(config: RelaxationComparisonConfig, out_dir: Path, progress:
       model={'folder': sst.model, 'eval_split': sst.eval_split,
              'num_eval_sentences': len(eval_features)})
   return rows, details, settings
-
-
-def _jsonable(values):
-  return json.loads(json.dumps(values))
 
 
 def checks(rows: dict) -> dict:

@@ -52,11 +52,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 import zlib
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +64,7 @@ from tqdm.auto import tqdm
 
 from dmx import attribute, baselines, metrics, viz
 from dmx.data import sst as sst_data
+from dmx.data.common import length_sorted_index_batches
 from dmx.models.hf_import import load_pretrained, tokenize
 from dmx.pipelines import checked_output_folder
 from dmx.pipelines.diffmask_text import state_names
@@ -220,15 +220,11 @@ def make_batches(features: sst_data.SstFeatures, batch_size: int, length_bucket:
                  unit: str) -> list[Batch]:
   """Sentences grouped by length into fixed-size batches, each padded to a multiple of
   ``length_bucket`` (so few shapes are compiled)."""
-  real_lengths = features.mask.sum(axis=1)
-  order = np.argsort(real_lengths, kind='stable')
-  max_length = features.input_ids.shape[1]
   batches = []
-  for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
+  for rows, seq in length_sorted_index_batches(features.mask.sum(axis=1), batch_size,
+                                               length_bucket, features.input_ids.shape[1]):
     valid = len(rows)
-    rows = np.concatenate([rows, np.full(batch_size - valid, rows[0])])
-    seq = min(max_length, length_bucket * math.ceil(real_lengths[rows].max() / length_bucket))
+    rows = np.concatenate([rows, np.full(batch_size - valid, rows[0])])  # one batch shape
     chosen = features.take(rows)
     inputs = {name: value[:, :seq] for name, value in chosen.as_batch().items()}
     word_ids = chosen.word_ids[:, :seq]
@@ -377,10 +373,12 @@ def run_compare_sst(config: CompareSstConfig, out_dir: str | Path, *, progress: 
   log(f'{len(examples)} {config.split} sentences in {len(batches)} batches of '
       f'{config.batch_size}; methods: {", ".join(config.methods)}')
 
-  statistics = (baselines.state_statistics(frozen.model, frozen.params,
-                                           (batch.inputs for batch in batches), 0)
-                if 'schulz' in config.methods else None)
-  scorers = method_scorers(config, frozen, erasure, statistics, input_probe)
+  # Schulz et al.'s noise statistics of every state, from one pass over the compared
+  # sentences: h0's for the table, all of them for Figure 5
+  statistics = (baselines.states_statistics(frozen.model, frozen.params,
+                                            (batch.inputs for batch in batches))
+                if 'schulz' in config.methods or config.figure5_sentence is not None else None)
+  scorers = method_scorers(config, frozen, erasure, statistics and statistics[0], input_probe)
   skipped = skipped_methods(config, frozen, input_probe)
   for name, why in skipped.items():
     log(f'skipping {name}: {why}')
@@ -464,7 +462,7 @@ def run_compare_sst(config: CompareSstConfig, out_dir: str | Path, *, progress: 
                          for name, value in per_example.items()},
                       **{f'{name}_sufficiency': value[1] for name, value in per_example.items()})
   if config.figure5_sentence is not None:
-    figure = figure5(config, frozen, batches, hidden_probe, progress=progress, log=log)
+    figure = figure5(config, frozen, statistics, hidden_probe, progress=progress, log=log)
     write_figure5(out_dir, figure)
     report['figure5'] = {'sentence': config.figure5_sentence, 'tokens': figure.tokens,
                          'prediction': figure.prediction, 'panels': list(figure.panels),
@@ -553,15 +551,17 @@ class Figure5(NamedTuple):
   skipped: dict
 
 
-def figure5(config: CompareSstConfig, frozen: Frozen, batches: list[Batch], hidden_probe,
+def figure5(config: CompareSstConfig, frozen: Frozen,
+            statistics: Sequence[tuple[np.ndarray, np.ndarray]], hidden_probe,
             *, progress: bool = True, log: Callable[[str], None] = print) -> Figure5:
   """The paper's Figure 5 for ``config.figure5_sentence``, w.r.t. the predicted label.
 
   * raw attention: max over heads, mean over (real) query positions, one row
     per layer (layer ``k`` reads state ``h_k``);
   * integrated gradients (zero baseline, the paper's), ``|sum over features|``;
-    Schulz et al. (capacity in bits; noise statistics of each state over the
-    compared sentences' real tokens) and Guan et al. (1 / sigma), each applied
+    Schulz et al. (capacity in bits; ``statistics``: each state's noise
+    ``(mean, std)`` over the compared sentences' real tokens, from
+    :func:`dmx.baselines.states_statistics`) and Guan et al. (1 / sigma), each applied
     with ``layer_index`` = every state ``h0 .. h_{L+1}``;
   * DiffMask hidden gates: the expected keep probability of each state.
   """
@@ -585,7 +585,6 @@ def figure5(config: CompareSstConfig, frozen: Frozen, batches: list[Batch], hidd
   else:
     skipped['attention'] = 'the model does not expose its attention'
   key = jax.random.key(config.seed)
-  statistics = all_state_statistics(model, params, (b.inputs for b in batches))
   per_state = {
       'integrated_gradients': lambda p, b, k, layer: jnp.abs(baselines.integrated_gradients(
           model, p, b, layer_index=layer, steps=config.ig_steps,
@@ -616,31 +615,6 @@ def figure5(config: CompareSstConfig, frozen: Frozen, batches: list[Batch], hidd
   for name, why in skipped.items():
     log(f'figure 5: no {name} panel ({why})')
   return Figure5(tokens, prediction, panels, skipped)
-
-
-def all_state_statistics(model, params, batches) -> list[tuple[np.ndarray, np.ndarray]]:
-  """``[(mean, std)]`` of every state ``h0..h_{L+1}`` over the real tokens of ``batches``, each
-  ``(dim,)`` float32, from one compiled pass per batch shape (as
-  :func:`dmx.baselines.schulz.state_statistics` computes one state's)."""
-  forward = jax.jit(lambda p, b: model.forward(p, b)[1])
-  count, totals, squares = 0.0, None, None
-  for batch in batches:
-    mask = np.asarray(batch['mask'], np.float64)[..., None]
-    states = [np.asarray(state, np.float64) for state in forward(params, batch)]
-    count += mask.sum()
-    batch_totals = [(state * mask).sum(axis=(0, 1)) for state in states]
-    batch_squares = [(state ** 2 * mask).sum(axis=(0, 1)) for state in states]
-    totals = batch_totals if totals is None else [a + b for a, b in zip(totals, batch_totals)]
-    squares = batch_squares if squares is None else [a + b for a, b in zip(squares,
-                                                                           batch_squares)]
-  if not count:
-    raise ValueError('state statistics need at least one real token')
-  statistics = []
-  for total, square in zip(totals, squares):
-    mean = total / count
-    std = np.sqrt(np.maximum(square / count - mean ** 2, 0.0))
-    statistics.append((mean.astype(np.float32), std.astype(np.float32)))
-  return statistics
 
 
 FIGURE5_TITLES = {'attention': '(a) raw attention', 'integrated_gradients':

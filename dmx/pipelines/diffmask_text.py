@@ -52,7 +52,7 @@ from dmx.data.common import (bucketed_batches, length_buckets, padded_batches,
 from dmx.data import sst as sst_data
 from dmx.models.bert import BertModel
 from dmx.models.hf_import import MissingHeadError, load_pretrained
-from dmx.pipelines import checked_output_folder
+from dmx.pipelines import checked_output_folder, jsonable
 
 TASKS = ('sst', 'squad')
 TASK_HEADS = {'sst': 'classification', 'squad': 'question_answering'}
@@ -278,16 +278,18 @@ def state_names(num_states: int) -> list[str]:
   return ['h0 words', 'h1 embed'] + [f'h{k} L{k - 1}' for k in range(2, num_states)]
 
 
-def training_batches(config: TextDiffMaskConfig, model: BertModel, frozen_params, features,
+def training_buckets(config: TextDiffMaskConfig, model: BertModel, frozen_params, features,
                      batch_size: int, log: Callable[[str], None] = print,
-                     progress: bool = True):
-  """Endless length-bucketed training batches, with the cached clean pass when it fits.
+                     progress: bool = True) -> list[dict]:
+  """The training set in length buckets, with the cached clean pass when it fits.
 
   Sequences are grouped into buckets of similar length (``config.bucket_width``)
-  and each batch is cut to its bucket's length, so short sentences do not pay
-  for the longest one. When the clean pass over the whole training set fits in
-  ``config.clean_pass_cache_gb``, it is computed once here and every batch
+  and each bucket is cut to its length, so short sentences do not pay for the
+  longest one. When the clean pass over the whole training set fits in
+  ``config.clean_pass_cache_gb``, it is computed once here and every bucket
   carries it (``clean_outputs``, ``clean_states``; see :func:`dmx.train.clean_pass`).
+  :func:`dmx.data.common.bucketed_batches` draws the training batches from them;
+  probes trained on the same data can share one list.
   """
   buckets = length_buckets(features.mask.sum(axis=1), batch_size, config.bucket_width,
                            features.mask.shape[1])
@@ -302,7 +304,7 @@ def training_batches(config: TextDiffMaskConfig, model: BertModel, frozen_params
   if cache_bytes > config.clean_pass_cache_gb * 1e9:
     log(f'clean pass not cached ({cache_bytes / 1e9:.1f} GB > --clean-pass-cache-gb '
         f'{config.clean_pass_cache_gb}): computed in every step')
-    return bucketed_batches(bucket_batches, batch_size, config.seed)
+    return bucket_batches
   log(f'caching the clean pass over the training set ({cache_bytes / 1e9:.2f} GB)')
   forward = jax.jit(model.forward)
   total = sum(len(indices) for _, indices in buckets)
@@ -317,7 +319,7 @@ def training_batches(config: TextDiffMaskConfig, model: BertModel, frozen_params
         bar.update(count)
       bucket['clean_outputs'] = np.concatenate(outputs)
       bucket['clean_states'] = tuple(np.concatenate(parts) for parts in zip(*states))
-  return bucketed_batches(bucket_batches, batch_size, config.seed)
+  return bucket_batches
 
 
 # ---------------------------------------------------------------------------
@@ -567,19 +569,24 @@ class TrainedProbe(NamedTuple):
 def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tokenizer,
                 train_features, batch_size: int, out_dir: Path, progress: bool = True,
                 log: Callable[[str], None] = print,
-                dm_config: train.DiffMaskConfig | None = None) -> TrainedProbe:
+                dm_config: train.DiffMaskConfig | None = None,
+                buckets: list[dict] | None = None) -> TrainedProbe:
   """Trains the run's probe (resuming ``out_dir/train_checkpoint``) and saves ``probe_<gate>/``.
 
   ``dm_config`` replaces ``config.diffmask_config()`` (settings the command
-  line does not offer, such as a relaxation's own parameters).
+  line does not offer, such as a relaxation's own parameters). ``buckets``:
+  :func:`training_buckets` of ``train_features`` already computed (for several
+  probes on the same data); computed here when ``None``.
   """
   dm_config = config.diffmask_config() if dm_config is None else dm_config
   state_dims = tuple(model.state_dims)
   hidden_size = config.probe_hidden_size or max(state_dims[0] // 4, 1)
   probe = probes.DiffMaskProbe(gate=config.gate, state_dims=state_dims, form=config.probe_form,
                                hidden_size=hidden_size)
-  batches = training_batches(config, model, frozen_params, train_features, batch_size, log,
-                             progress)
+  if buckets is None:
+    buckets = training_buckets(config, model, frozen_params, train_features, batch_size, log,
+                               progress)
+  batches = bucketed_batches(buckets, batch_size, config.seed)
   probe_key, run_key = jax.random.split(jax.random.key(config.seed))
   # frozen parameters go in as arguments: closed over, jit would bake them in as constants
   init_probe = jax.jit(lambda frozen, key, batch: train.init_probe_params(key, model, probe, frozen,
@@ -606,7 +613,7 @@ def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tok
       initial_logit=probe.initial_logit, state_dims=list(state_dims),
       model=str(Path(config.model).expanduser().absolute()), head=TASK_HEADS[config.task],
       max_length=config.max_length, steps=int(state.step),
-      diffmask_config=_jsonable(dataclasses.asdict(dm_config))))
+      diffmask_config=jsonable(dataclasses.asdict(dm_config))))
   return TrainedProbe(probe, dm_config, initial_probe_params, state, history, seconds)
 
 
@@ -669,8 +676,8 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
       'summary_depth': _summary_depth(config.gate, len(state_dims)),
       'summary_note': _summary_note(config.gate, len(state_dims)),
       **scores,
-      'config': _jsonable(dataclasses.asdict(config)),
-      'diffmask_config': _jsonable(dataclasses.asdict(dm_config)),
+      'config': jsonable(dataclasses.asdict(config)),
+      'diffmask_config': jsonable(dataclasses.asdict(dm_config)),
       'data': {'train_split': config.train_split, 'eval_split': config.eval_split,
                'num_train_sequences': len(train_features),
                'num_eval_examples': len(eval_examples),
@@ -685,7 +692,7 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
                  'steps_per_second': config.steps / trained.seconds if config.steps else None,
                  'eval_seconds': eval_seconds, 'total_seconds': time.time() - started},
   }
-  (out_dir / REPORT_FILE).write_text(json.dumps(_jsonable(report), indent=2))
+  (out_dir / REPORT_FILE).write_text(json.dumps(jsonable(report), indent=2))
   log(format_summary(report))
   return report
 
@@ -702,21 +709,8 @@ def _resume_fingerprint(config: TextDiffMaskConfig) -> dict:
   """The options a run resumed from ``train_checkpoint`` must share with the one that saved it."""
   fields = dataclasses.asdict(config)
   fields['model'] = str(Path(config.model).expanduser().absolute())
-  return _jsonable({name: value for name, value in fields.items()
+  return jsonable({name: value for name, value in fields.items()
                     if name not in EVAL_ONLY_FIELDS + IN_DIFFMASK_CONFIG_FIELDS})
-
-
-def _jsonable(value: Any) -> Any:
-  """Tuples to lists, non-finite floats to None (strict JSON), numpy scalars to Python."""
-  if isinstance(value, dict):
-    return {str(key): _jsonable(item) for key, item in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(item) for item in value]
-  if isinstance(value, (np.floating, float)):
-    return float(value) if math.isfinite(value) else None
-  if isinstance(value, np.integer):
-    return int(value)
-  return value
 
 
 def format_summary(report: dict) -> str:
