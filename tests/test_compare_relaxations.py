@@ -139,7 +139,27 @@ def test_sst_run_on_a_tiny_bert(sst_model_folder, tmp_path):
   assert (out / 'relaxations.png').stat().st_size > 0
 
 
+def test_sst_run_of_one_depth_trains_and_scores_only_that_depth(sst_model_folder, tmp_path):
+  out = tmp_path / 'sst_layer'
+  assert cli.main(sst_command(sst_model_folder, out, '--relaxations', 'hard_concrete',
+                              '--layer', '2', '--steps', '6', '--margin', '1000')) == 0
+  report = json.loads((out / 'report.json').read_text())
+  settings = report['settings']
+  assert settings['layer'] == settings['trained_layers'] == 'h2 L1'
+  assert report['details']['hard_concrete']['diffmask_config']['layers'] == [2]
+  row = report['relaxations']['hard_concrete']
+  per_layer = report['details']['hard_concrete']['per_layer']
+  assert list(report['details']['hard_concrete']['training']['per_layer']) == ['2']
+  # a huge margin lets the sparsity term close gates at the trained depth
+  assert row['sparsity'] == per_layer[2]['masked_fraction'] > 0.0
+  assert row['agreement'] == per_layer[2]['agreement']
+  assert '`h2 L1`, the only depth trained' in (out / 'report.md').read_text()
+  assert '--layer 2' in (out / 'report.md').read_text()
+
+
 @pytest.mark.parametrize('extra, message', [
+    (('--model', 'x', '--layer', '1', '--gate', 'input'), '--layer is for SST hidden gates'),
+    (('--model', 'x', '--layer', '1', '--variance-layer', '2'), 'differs from --layer 1'),
     ((), '--task sst needs --model'),
     (('--model', 'x', '--tiny'), '--tiny is for the toy task'),
     (('--model', 'x', '--variance-layer', '0', '--margin', '-1'), '--margin must be'),

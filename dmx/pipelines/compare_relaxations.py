@@ -94,7 +94,13 @@ class RelaxationComparisonConfig:
     sst: for ``task='sst'``: the ``dmx diffmask sst`` run each relaxation repeats
       (its ``relaxation`` is replaced by each compared one); ``None`` for the toy.
     variance_layer: SST only: the depth whose gradient variance is measured
-      (``None``: the middle state); the toy uses its feed-forward state.
+      (``None``: the middle state, or ``train_layer``); the toy uses its
+      feed-forward state.
+    train_layer: SST hidden gates only: train the gates of this one depth
+      (:attr:`dmx.train.DiffMaskConfig.layers`) and score the masked fraction
+      and agreement there, not averaged over every depth: every training step
+      then goes to the compared depth, so a comparison takes minutes per
+      relaxation instead of an hour. ``None`` trains every depth.
     names: the relaxations to compare, among :data:`dmx.relaxations.NAMES`.
     gate: ``'hidden'`` (the paper's Table 1 row) or ``'input'``.
     variance_draws: gate-noise draws for the gradient variance.
@@ -104,6 +110,7 @@ class RelaxationComparisonConfig:
   toy: toy_pipeline.ToyExperimentConfig = toy_pipeline.ToyExperimentConfig()
   sst: diffmask_text.TextDiffMaskConfig | None = None
   variance_layer: int | None = None
+  train_layer: int | None = None
   names: tuple[str, ...] = relaxations.NAMES
   gate: str = 'hidden'
   variance_draws: int = DEFAULT_VARIANCE_DRAWS
@@ -123,6 +130,12 @@ class RelaxationComparisonConfig:
       raise ValueError('the SST run must be a dmx diffmask sst run with the compared gate')
     if self.variance_layer is not None and self.sst is None:
       raise ValueError('variance_layer is for SST; the toy uses its feed-forward state')
+    if self.train_layer is not None:
+      if self.sst is None or self.gate != 'hidden':
+        raise ValueError('--layer is for SST hidden gates (input gates train every depth at once)')
+      if self.variance_layer not in (None, self.train_layer):
+        raise ValueError(f'--variance-layer {self.variance_layer} differs from --layer '
+                         f'{self.train_layer}: the variance is measured at the trained depth')
     if self.variance_draws < _DRAWS_PER_CHUNK or self.variance_draws % _DRAWS_PER_CHUNK:
       raise ValueError(f'variance_draws must be a positive multiple of {_DRAWS_PER_CHUNK}, '
                        f'got {self.variance_draws}')
@@ -143,6 +156,8 @@ class RelaxationComparisonConfig:
     base = (toy_pipeline.toy_diffmask_config(self.gate, self.toy.sparsity) if self.sst is None
             else self.sst.diffmask_config())
     fields = dict(dict(self.overrides).get(name, ()))
+    if self.train_layer is not None:
+      fields['layers'] = (self.train_layer,)
     return dataclasses.replace(base, relaxation=name, **fields)
 
 
@@ -321,9 +336,11 @@ def _compare_on_sst(config: RelaxationComparisonConfig, out_dir: Path, progress:
   train_features, _, eval_features = diffmask_text.load_task_data(sst, tokenizer)
   batch_size = min(sst.batch_size, len(train_features))
   num_states = len(model.state_dims)
-  layer = num_states // 2 if config.variance_layer is None else config.variance_layer
+  layer = next((value for value in (config.train_layer, config.variance_layer)
+                if value is not None), num_states // 2)
   if not 0 <= layer < num_states:
-    raise ValueError(f'variance layer must be in [0, {num_states}), got {layer}')
+    what = 'variance layer' if config.train_layer is None else '--layer'
+    raise ValueError(f'{what} must be in [0, {num_states}), got {layer}')
   variance_rows = np.arange(min(batch_size, len(eval_features)))
   variance_batch = eval_features.take(variance_rows).as_batch()
   length = int(variance_batch['mask'].sum(axis=1).max())  # cut the padding off: same gradients
@@ -353,6 +370,9 @@ def _compare_on_sst(config: RelaxationComparisonConfig, out_dir: Path, progress:
     scores = diffmask_text.sst_scores(result, eval_features, sst.gate)
     real = eval_features.mask.astype(bool)
     depth = num_states - 1 if sst.gate == 'input' else slice(None)
+    if config.train_layer is not None:  # the other depths keep everything: score the trained one
+      depth = layer
+      scores = dict(scores, **scores['per_layer'][layer])
     scores = dict(sparsity=scores['masked_fraction'], agreement=scores['agreement'],
                   num_examples=len(eval_features),
                   keep_probability=float(np.mean(result['keep_prob'][depth][..., real])),
@@ -365,6 +385,8 @@ def _compare_on_sst(config: RelaxationComparisonConfig, out_dir: Path, progress:
 
   settings = dict(
       task='sst', gate=config.gate, layer=diffmask_text.state_names(num_states)[layer],
+      trained_layers=('all' if config.train_layer is None
+                      else diffmask_text.state_names(num_states)[layer]),
       seed=sst.seed, steps=sst.steps, batch_size=batch_size,
       variance_draws=config.variance_draws, variance_batch=len(variance_rows),
       variance_at='trained parameters of each relaxation, multiplier 1',
@@ -400,7 +422,10 @@ def format_markdown(report: dict) -> str:
   else:
     scored = (f"SST ({settings['model']['folder']}), {settings['gate']} gates, scored on "
               f"{settings['model']['num_eval_sentences']} {settings['model']['eval_split']} "
-              'sentences at dmx diffmask sst\'s summary depth (no ground truth: D_JS n/a)')
+              + ('sentences at dmx diffmask sst\'s summary depth'
+                 if settings.get('trained_layers', 'all') == 'all' else
+                 f"sentences at `{settings['trained_layers']}`, the only depth trained")
+              + ' (no ground truth: D_JS n/a)')
   lines += ['', f"{scored}; seed {settings['seed']}, {settings['steps']} steps of batch "
             f"{settings['batch_size']}. Gradient variance at `{settings['layer']}`: "
             f"{settings['variance_draws']} gate-noise draws on {settings['variance_batch']} "
@@ -481,6 +506,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='score on the first N dev sentences')
   sst.add_argument('--variance-layer', type=int, default=None,
                    help='depth whose gradient variance is measured (default: the middle one)')
+  sst.add_argument('--layer', type=int, default=None, dest='train_layer',
+                   help='hidden gates: train and score only this depth (minutes per '
+                   'relaxation instead of an hour); default: every depth')
   parser.add_argument('--set', action='append', default=[], metavar='NAME.FIELD=VALUE',
                       dest='overrides', help='a DiffMask setting for one relaxation, e.g. '
                       'binary_concrete.binary_concrete_temperature=0.3 or '
@@ -489,7 +517,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 SST_FLAGS = ('--data', '--margin', '--batch-size', '--max-length', '--warmup-steps',
-             '--max-train-examples', '--max-eval-examples', '--variance-layer')
+             '--max-train-examples', '--max-eval-examples', '--variance-layer', '--layer')
+
+
+def _dest(flag: str) -> str:
+  """The argparse attribute of an SST flag."""
+  return 'train_layer' if flag == '--layer' else flag[2:].replace('-', '_')
 
 
 def parse_overrides(values: Sequence[str]) -> tuple:
@@ -517,7 +550,7 @@ def command_line(args: argparse.Namespace) -> str:
     if value is not None:
       parts.append(f'{flag} {value}')
   for flag in SST_FLAGS:
-    value = getattr(args, flag[2:].replace('-', '_'))
+    value = getattr(args, _dest(flag))
     if value is not None:
       parts.append(f'{flag} {value}')
   if args.tiny:
@@ -534,19 +567,20 @@ def command_line(args: argparse.Namespace) -> str:
 
 def config_from_args(args: argparse.Namespace) -> RelaxationComparisonConfig:
   """The comparison ``args`` describe; one-line ``ValueError`` for nonsense."""
-  sst_options = {flag: getattr(args, flag[2:].replace('-', '_')) for flag in SST_FLAGS}
+  sst_options = {flag: getattr(args, _dest(flag)) for flag in SST_FLAGS}
   if args.comparison_task == 'sst':
     if args.model is None:
       raise ValueError('--task sst needs --model, the folder of a fine-tuned SST-5 classifier')
     if args.tiny:
       raise ValueError('--tiny is for the toy task')
-    fields = {flag[2:].replace('-', '_'): value for flag, value in sst_options.items()
-              if value is not None and flag not in ('--data', '--variance-layer')}
+    fields = {_dest(flag): value for flag, value in sst_options.items()
+              if value is not None and flag not in ('--data', '--variance-layer', '--layer')}
     sst = diffmask_text.TextDiffMaskConfig(
         task='sst', model=args.model, gate=args.gate, data_dir=args.data,
         steps=args.steps, num_heatmap_examples=0,
         **({} if args.seed is None else dict(seed=args.seed)), **fields)
     return RelaxationComparisonConfig(sst=sst, variance_layer=args.variance_layer,
+                                      train_layer=args.train_layer,
                                       names=tuple(args.relaxations), gate=args.gate,
                                       variance_draws=args.variance_draws,
                                       overrides=parse_overrides(args.overrides))
