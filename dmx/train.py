@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -462,7 +463,8 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
     batches: the training batches, one per step, in a reproducible order.
     log_every: the history gets one entry of mean metrics per ``log_every``
       steps (and one at every checkpoint), with the mean per depth under
-      ``per_layer``.
+      ``per_layer`` and ``seconds``, the training wall time so far over every
+      invocation of this run (a resumed run adds its own to the checkpoint's).
     mesh: a :func:`dmx.parallel.data_mesh`; the step then runs data-parallel,
       each batch split over the mesh's ``data`` axis. ``None``: one device.
     checkpoint_dir: the whole train state is saved there every
@@ -512,6 +514,8 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
   num_states = state.running_steps.shape[0]
   window: list[dict] = []
   start = int(state.step)
+  earlier_seconds = history[-1].get('seconds', 0.0) if history else 0.0
+  started = time.time()
   bar = tqdm(total=num_steps, initial=start - first_step, desc=description,
              disable=not progress, unit='step')
   for step in range(start, last_step):
@@ -527,6 +531,7 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
     if done % log_every == 0 or done == last_step or checkpoint_now:
       summary = _summarise(jax.device_get(window), num_states)
       summary['step'] = done
+      summary['seconds'] = earlier_seconds + time.time() - started
       history.append(summary)
       bar.set_postfix(div=f"{summary['divergence']:.3f}", keep=f"{summary['keep_fraction']:.2f}",
                       agree=f"{summary['agreement']:.3f}")
