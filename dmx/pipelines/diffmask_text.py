@@ -607,8 +607,10 @@ def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tok
                              checkpoint_every=config.checkpoint_every,
                              run_info=_resume_fingerprint(config))
   jax.block_until_ready(state.params)
-  # the history's clock counts earlier invocations of a resumed run too
-  seconds = history[-1]['seconds'] if history else time.time() - train_started
+  # the history's clock counts earlier invocations of a resumed run too (checkpoints
+  # written before the history had a clock: this invocation's time only)
+  seconds = (history[-1]['seconds'] if history and 'seconds' in history[-1]
+             else time.time() - train_started)
   checkpoint.save(out_dir / f'probe_{config.gate}', state.probe_params, dict(
       task=config.task, gate=config.gate, form=config.probe_form, hidden_size=hidden_size,
       initial_logit=probe.initial_logit, state_dims=list(state_dims),
