@@ -436,15 +436,17 @@ def format_markdown(report: dict) -> str:
 
 
 def comparison_figure(rows: dict, task: str = 'toy'):
-  """Bar charts: D_JS (toy only) and gradient variance (log scales) and agreement."""
+  """Bar charts: D_JS (toy) or states masked (SST), gradient variance (log scale), agreement.
+
+  The toy's agreement panel marks the issue's bar (0.95); SST has no such bar.
+  """
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   names = list(rows)
   colours = ['tab:red' if name == 'reinforce' else 'tab:blue' for name in names]
-  panels = [('js', 'D_JS to the ground truth (log)', True),
-            ('grad_variance', 'gradient variance (log)', True),
+  first = (('js', 'D_JS to the ground truth (log)', True) if task == 'toy'
+           else ('sparsity', 'states masked', False))
+  panels = [first, ('grad_variance', 'gradient variance (log)', True),
             ('agreement', 'masked-pass agreement', False)]
-  if any(row['js'] is None for row in rows.values()):
-    panels = panels[1:]
   fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
   for ax, (field, title, log_scale) in zip(axes, panels):
     values = [max(rows[name][field], 1e-12) if log_scale else rows[name][field] for name in names]
@@ -455,9 +457,12 @@ def comparison_figure(rows: dict, task: str = 'toy'):
     ax.set_title(title, fontsize=10)
     if log_scale:
       ax.set_yscale('log')
-    else:
-      ax.axhline(AGREEMENT_BAR, color='grey', linestyle='--', linewidth=1)
+    elif field == 'agreement':
+      if task == 'toy':
+        ax.axhline(AGREEMENT_BAR, color='grey', linestyle='--', linewidth=1)
       ax.set_ylim(min(0.9, min(values) - 0.02), 1.0)
+    else:
+      ax.set_ylim(0.0, 1.0)
   fig.suptitle('Gate relaxations on the toy task (hidden gates at the feed-forward state)'
                if task == 'toy' else 'Gate relaxations on SST (fine-tuned classifier)',
                fontsize=11)
