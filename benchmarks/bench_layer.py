@@ -6,11 +6,16 @@ with the backward pass to the input only (the frozen weights get no gradient,
 as in a DiffMask step). dmx: ``TransformerLayer`` under ``jax.jit``;
 transformers: ``BertLayer`` (SDPA attention) with ``torch.no_grad()`` for the
 forward pass. Prints the minimum and median over ``--repeats`` interleaved
-calls, the median times the layer count (compare it with ``bench_forward.py``'s
-whole-model figures to see what the layer stack adds), and the ratio
-PyTorch / dmx of the medians (above 1: dmx faster).
+calls, the median times the layer count, and the ratio PyTorch / dmx of the
+medians (above 1: dmx faster).
 
-    python benchmarks/bench_layer.py --size base --batch 32 --seq 64
+``--stack`` also times what the layer stack adds: the whole input-gate masked
+pass with its backward pass to the gates (dmx only), three ways over the same
+layers: ``BertModel.forward_from`` at depth 0 as the train step runs it (a
+``lax.scan`` whose steps sit behind a ``lax.cond``), a plain ``lax.scan``, and
+a Python loop (unrolled).
+
+    python benchmarks/bench_layer.py --size base --batch 32 --seq 64 [--stack]
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmx.bench import SIZES, bert_config
-from dmx.models.bert import BertModel, attention_bias
+from dmx import train
+from dmx.models.bert import BertModel, Embeddings, attention_bias
 
 
 def main() -> int:
@@ -32,6 +38,8 @@ def main() -> int:
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--seq', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--stack', action='store_true',
+                      help='also time the whole masked pass three ways (see above)')
   args = parser.parse_args()
   if args.repeats < 1 or args.batch < 1 or args.seq < 1:
     raise SystemExit('--repeats, --batch and --seq must be >= 1')
@@ -97,7 +105,60 @@ def main() -> int:
   for part in ('forward', 'forward+backward'):
     ratio = medians[f'transformers {part}'] / medians[f'dmx {part}']
     print(f'  {part}: PyTorch / dmx = {ratio:.2f}x')
+  if args.stack:
+    time_stack(model, args)
   return 0
+
+
+def time_stack(model: BertModel, args: argparse.Namespace) -> None:
+  """Prints the masked input pass + backward through forward_from, a plain scan and a loop."""
+  config = model.config
+  params = model.init(jax.random.key(0), args.seq)
+  batch = {'input_ids': jax.random.randint(jax.random.key(3), (args.batch, args.seq), 1000, 2000),
+           'mask': jnp.ones((args.batch, args.seq), bool)}
+  _, states = jax.jit(model.forward)(params, batch)
+  baselines = (jnp.zeros((config.hidden_size,), jnp.float32),)
+  bias = attention_bias(batch['mask'])
+  cotangent = jax.random.normal(jax.random.key(4), (args.batch, config.num_labels))
+
+  def layers_scan(params, hidden):
+    step = lambda hidden, layer: (model._run_layer(layer, hidden, bias), None)  # pylint: disable=protected-access
+    return jax.lax.scan(step, hidden, params['layers'])[0]
+
+  def layers_loop(params, hidden):
+    for index in range(config.num_layers):
+      layer = jax.tree.map(lambda leaf, index=index: leaf[index], params['layers'])
+      hidden = model._run_layer(layer, hidden, bias)  # pylint: disable=protected-access
+    return hidden
+
+  def logits(gates, params, stack):
+    if stack is None:  # the train step's own masked pass
+      return train.masked_pass(model, params, batch, states, 'input', gates, baselines, 0)
+    ids = batch['input_ids']
+    embedded = model.embeddings.apply(
+        {'params': params['embeddings']}, states[0] * gates[..., None], ids, jnp.zeros_like(ids),
+        method=Embeddings.combine)
+    return model._outputs(params, stack(params, embedded), batch['mask'])  # pylint: disable=protected-access
+
+  gates = jnp.full((args.batch, args.seq), 0.7)  # strictly inside (0, 1): both paths live
+  calls = {name: jax.jit(jax.grad(lambda g, p, stack=stack: jnp.sum(logits(g, p, stack) * cotangent)))
+           for name, stack in (('forward_from (scan + cond)', None), ('plain scan', layers_scan),
+                               ('unrolled loop', layers_loop))}
+  gradients = {name: np.asarray(call(gates, params)) for name, call in calls.items()}
+  reference = gradients['forward_from (scan + cond)']
+  # the three are one computation: a timing of a different one would mean nothing
+  differences = {name: float(np.abs(value - reference).max()) for name, value in gradients.items()}
+  if max(differences.values()) > 1e-4 * max(float(np.abs(reference).max()), 1.0):
+    raise SystemExit(f'the three masked passes disagree: max |difference| {differences}')
+  seconds = {name: [] for name in calls}
+  for _ in range(args.repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call(gates, params))
+      seconds[name].append(time.perf_counter() - start)
+  print(f'whole masked input pass + backward to the gates, {config.num_layers} layers')
+  for name, values in seconds.items():
+    print(f'  {name:<32} min {min(values):6.2f} s   median {np.median(values):6.2f} s')
 
 
 if __name__ == '__main__':

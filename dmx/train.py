@@ -27,6 +27,9 @@ from dmx import checkpoint as checkpoints
 from dmx import hard_concrete, objective, optim, probes, relaxations
 from dmx.models.base import MaskableModel
 
+# the clock of the history's ``seconds`` (a module attribute, so tests can replace it)
+_clock = time.monotonic
+
 
 @dataclasses.dataclass(frozen=True)
 class DiffMaskConfig:
@@ -515,7 +518,7 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
   window: list[dict] = []
   start = int(state.step)
   earlier_seconds = history[-1].get('seconds', 0.0) if history else 0.0
-  started = time.time()
+  started = _clock()
   bar = tqdm(total=num_steps, initial=start - first_step, desc=description,
              disable=not progress, unit='step')
   for step in range(start, last_step):
@@ -531,7 +534,7 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
     if done % log_every == 0 or done == last_step or checkpoint_now:
       summary = _summarise(jax.device_get(window), num_states)
       summary['step'] = done
-      summary['seconds'] = earlier_seconds + time.time() - started
+      summary['seconds'] = earlier_seconds + _clock() - started
       history.append(summary)
       bar.set_postfix(div=f"{summary['divergence']:.3f}", keep=f"{summary['keep_fraction']:.2f}",
                       agree=f"{summary['agreement']:.3f}")

@@ -30,9 +30,7 @@ def main() -> None:
   forward = jax.jit(lambda params, batch: model.forward(params, batch)[0])
   logits = np.concatenate([np.asarray(forward(params, batch))[:count]
                            for batch, count in padded_batches(features, 128)])
-  probabilities = np.exp(logits - logits.max(-1, keepdims=True))
-  probabilities /= probabilities.sum(-1, keepdims=True)
-  ranked = np.sort(probabilities, axis=-1)
+  ranked = np.sort(np.asarray(jax.nn.softmax(logits, axis=-1)), axis=-1)
   gap = ranked[:, -1] - ranked[:, -2]
   print(f'{args.model}: dev accuracy {np.mean(logits.argmax(-1) == features.labels):.4f}, '
         f'mean largest probability {ranked[:, -1].mean():.3f}')

@@ -351,6 +351,7 @@ def _compare_on_sst(config: RelaxationComparisonConfig, out_dir: Path, progress:
   # the training set's buckets and cached clean pass serve every relaxation
   buckets = diffmask_text.training_buckets(sst, model, frozen_params, train_features, batch_size,
                                            log, progress)
+  variance_key = jax.random.fold_in(jax.random.key(sst.seed), 2**31 - 1)  # one for all
   rows, details = {}, {}
   for name in config.names:
     run = dataclasses.replace(sst, relaxation=name)
@@ -361,21 +362,18 @@ def _compare_on_sst(config: RelaxationComparisonConfig, out_dir: Path, progress:
                                         dm_config=dm_config, buckets=buckets)
     variance = make_gradient_variance_fn(model, frozen_params, trained.probe, dm_config,
                                          variance_batch, config.variance_draws, layer)
-    variance_key = jax.random.fold_in(jax.random.key(sst.seed), 2**31 - 1)
     initial_state = train.init_state(dm_config, trained.initial_probe_params, num_states)
     at_init = variance(initial_state, variance_key)
     evaluator = diffmask_text.make_evaluator(model, frozen_params, trained.probe, dm_config)
     result = diffmask_text.run_evaluation(evaluator, trained.state.probe_params, eval_features,
                                           sst.eval_batch_size)
-    scores = diffmask_text.sst_scores(result, eval_features, sst.gate)
+    scores = diffmask_text.sst_scores(result, eval_features, sst.gate, dm_config.layers)
     real = eval_features.mask.astype(bool)
-    depth = num_states - 1 if sst.gate == 'input' else slice(None)
-    if config.train_layer is not None:  # the other depths keep everything: score the trained one
-      depth = layer
-      scores = dict(scores, **scores['per_layer'][layer])
+    depths = ([num_states - 1] if sst.gate == 'input' else
+              list(range(num_states)) if dm_config.layers is None else list(dm_config.layers))
     scores = dict(sparsity=scores['masked_fraction'], agreement=scores['agreement'],
                   num_examples=len(eval_features),
-                  keep_probability=float(np.mean(result['keep_prob'][depth][..., real])),
+                  keep_probability=float(np.mean(result['keep_prob'][depths][..., real])),
                   per_layer=scores['per_layer'])
     rows[name], details[name], line = _row_and_details(
         name, dm_config, trained.state, variance(trained.state, variance_key), at_init, layer,
@@ -511,7 +509,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='score on the first N dev sentences')
   sst.add_argument('--variance-layer', type=int, default=None,
                    help='depth whose gradient variance is measured (default: the middle one)')
-  sst.add_argument('--layer', type=int, default=None, dest='train_layer',
+  sst.add_argument('--layer', type=int, default=None,
                    help='hidden gates: train and score only this depth (minutes per '
                    'relaxation instead of an hour); default: every depth')
   parser.add_argument('--set', action='append', default=[], metavar='NAME.FIELD=VALUE',
@@ -523,11 +521,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 SST_FLAGS = ('--data', '--margin', '--batch-size', '--max-length', '--warmup-steps',
              '--max-train-examples', '--max-eval-examples', '--variance-layer', '--layer')
-
-
-def _dest(flag: str) -> str:
-  """The argparse attribute of an SST flag."""
-  return 'train_layer' if flag == '--layer' else flag[2:].replace('-', '_')
 
 
 def parse_overrides(values: Sequence[str]) -> tuple:
@@ -555,7 +548,7 @@ def command_line(args: argparse.Namespace) -> str:
     if value is not None:
       parts.append(f'{flag} {value}')
   for flag in SST_FLAGS:
-    value = getattr(args, _dest(flag))
+    value = getattr(args, flag[2:].replace('-', '_'))
     if value is not None:
       parts.append(f'{flag} {value}')
   if args.tiny:
@@ -572,20 +565,20 @@ def command_line(args: argparse.Namespace) -> str:
 
 def config_from_args(args: argparse.Namespace) -> RelaxationComparisonConfig:
   """The comparison ``args`` describe; one-line ``ValueError`` for nonsense."""
-  sst_options = {flag: getattr(args, _dest(flag)) for flag in SST_FLAGS}
+  sst_options = {flag: getattr(args, flag[2:].replace('-', '_')) for flag in SST_FLAGS}
   if args.comparison_task == 'sst':
     if args.model is None:
       raise ValueError('--task sst needs --model, the folder of a fine-tuned SST-5 classifier')
     if args.tiny:
       raise ValueError('--tiny is for the toy task')
-    fields = {_dest(flag): value for flag, value in sst_options.items()
+    fields = {flag[2:].replace('-', '_'): value for flag, value in sst_options.items()
               if value is not None and flag not in ('--data', '--variance-layer', '--layer')}
     sst = diffmask_text.TextDiffMaskConfig(
         task='sst', model=args.model, gate=args.gate, data_dir=args.data,
         steps=args.steps, num_heatmap_examples=0,
         **({} if args.seed is None else dict(seed=args.seed)), **fields)
     return RelaxationComparisonConfig(sst=sst, variance_layer=args.variance_layer,
-                                      train_layer=args.train_layer,
+                                      train_layer=args.layer,
                                       names=tuple(args.relaxations), gate=args.gate,
                                       variance_draws=args.variance_draws,
                                       overrides=parse_overrides(args.overrides))

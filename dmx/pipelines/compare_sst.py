@@ -375,10 +375,13 @@ def run_compare_sst(config: CompareSstConfig, out_dir: str | Path, *, progress: 
 
   # Schulz et al.'s noise statistics of every state, from one pass over the compared
   # sentences: h0's for the table, all of them for Figure 5
-  statistics = (baselines.states_statistics(frozen.model, frozen.params,
-                                            (batch.inputs for batch in batches))
-                if 'schulz' in config.methods or config.figure5_sentence is not None else None)
-  scorers = method_scorers(config, frozen, erasure, statistics and statistics[0], input_probe)
+  statistics = None
+  if 'schulz' in config.methods or config.figure5_sentence is not None:
+    statistics = baselines.states_statistics(
+        frozen.model, frozen.params, (batch.inputs for batch in batches),
+        None if config.figure5_sentence is not None else (0,))
+  scorers = method_scorers(config, frozen, erasure, None if statistics is None else statistics[0],
+                           input_probe)
   skipped = skipped_methods(config, frozen, input_probe)
   for name, why in skipped.items():
     log(f'skipping {name}: {why}')

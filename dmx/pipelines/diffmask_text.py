@@ -386,8 +386,14 @@ def _summary_note(gate: str, num_states: int) -> str:
           'own; masked_fraction = fraction of real hidden states masked')
 
 
-def sst_scores(result: dict, features: sst_data.SstFeatures, gate: str) -> dict:
-  """Masked fractions, agreement and macro-F1 (all in [0, 1]) per depth and at the summary depth."""
+def sst_scores(result: dict, features: sst_data.SstFeatures, gate: str,
+               layers: Sequence[int] | None = None) -> dict:
+  """Masked fractions, agreement and macro-F1 (all in [0, 1]) per depth and at the summary depth.
+
+  ``layers``: hidden gates trained at these depths only
+  (:attr:`dmx.train.DiffMaskConfig.layers`); the summary is then their mean,
+  not every depth's (untrained probes score nothing meaningful).
+  """
   real_tokens = features.mask.sum()
   original = result['outputs'].argmax(-1)
   masked = result['masked_outputs'].argmax(-1)  # (K, N)
@@ -399,7 +405,8 @@ def sst_scores(result: dict, features: sst_data.SstFeatures, gate: str) -> dict:
         agreement=float(np.mean(masked[depth] == original)),
         macro_f1_masked=metrics.macro_f1(labels, masked[depth], sst_data.NUM_CLASSES),
         mean_keep_prob=float(result['keep_prob'][depth].sum() / real_tokens)))
-  pick = lambda name: _at_summary([layer[name] for layer in per_layer], gate)
+  summarised = per_layer if layers is None or gate == 'input' else [per_layer[k] for k in layers]
+  pick = lambda name: _at_summary([layer[name] for layer in summarised], gate)
   return dict(masked_fraction=pick('masked_fraction'), agreement=pick('agreement'),
               macro_f1_original=metrics.macro_f1(labels, original, sst_data.NUM_CLASSES),
               macro_f1_masked=pick('macro_f1_masked'),
