@@ -76,6 +76,7 @@ def _restore(out, config):
     (dict(max_length=2), 'max_length'),
     (dict(time_budget_minutes=0), 'time_budget_minutes'),
     (dict(dtype='float16'), 'dtype'),
+    (dict(select='first'), 'select'),
     (dict(model=''), 'model'),
 ])
 def test_bad_config_values_raise_one_line(overrides, message):
@@ -151,6 +152,29 @@ def test_resume_gives_the_uninterrupted_params(uninterrupted, tiny_model_folder,
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_select_last_re_exports_the_final_params_of_a_finished_run(uninterrupted,
+                                                                   tiny_model_folder, data_dir,
+                                                                   tmp_path):
+  out, report = uninterrupted
+  shutil.copytree(out / 'checkpoint', tmp_path / 'checkpoint')
+  config = _config(tiny_model_folder, data_dir, select='last')
+  with pytest.warns(UserWarning):
+    last = finetune.run_finetune(config, tmp_path, progress=False, log=lambda message: None)
+  assert last['resumed_from_step'] == 4 and last['steps'] == 4  # nothing retrained
+  assert last['history'] == report['history']
+  assert (last['select'], last['model_step']) == ('last', 4)
+  assert last['model_dev_accuracy'] == report['history'][-1]['dev_accuracy']
+  model, (state, best_params, _) = _restore(out, config)
+  loaded_model, loaded_params, tokenizer = load_pretrained(tmp_path / 'model',
+                                                           head='classification')
+  batch = finetune.trim_batch(sst.encode_sst(sst.load_sst('dev', data_dir), tokenizer,
+                                             32).as_batch(), 16)
+  exported = np.asarray(loaded_model.forward(loaded_params, batch)[0])
+  np.testing.assert_array_equal(exported, np.asarray(model.forward(state['params'], batch)[0]))
+  if report['best_step'] != 4:  # then the best and the last params differ, and so must the logits
+    assert not np.array_equal(exported, np.asarray(model.forward(best_params, batch)[0]))
+
+
 def test_mismatched_checkpoint_raises(uninterrupted, tiny_model_folder, data_dir, tmp_path):
   out, _ = uninterrupted
   shutil.copytree(out / 'checkpoint', tmp_path / 'checkpoint')
@@ -179,9 +203,10 @@ def _parse(argv):
 def test_cli_arguments_build_the_config(tiny_model_folder, tmp_path):
   args = _parse(['--model', str(tiny_model_folder), '--out', str(tmp_path / 'run'),
                  '--epochs', '1.5', '--batch-size', '8', '--learning-rate', '2e-5',
-                 '--time-budget-minutes', '30', '--no-progress'])
+                 '--time-budget-minutes', '30', '--select', 'last', '--no-progress'])
   config = finetune.config_from_args(args)
   assert (config.epochs, config.batch_size, config.learning_rate) == (1.5, 8, 2e-5)
+  assert config.select == 'last' and 'select' not in config.fingerprint()
   assert config.time_budget_minutes == 30 and args.no_progress
 
 

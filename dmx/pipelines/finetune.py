@@ -13,7 +13,7 @@ Outputs under ``out_dir``:
   the best dev params so far), saved atomically every ``checkpoint_every``
   steps. A rerun with the same settings resumes from it; with other settings
   it raises :class:`CheckpointMismatchError` rather than starting afresh.
-* ``model/``: the best-dev model as a Hugging Face folder (``config.json`` with
+* ``model/``: the best-dev model (or, with ``select='last'``, the final one) as a Hugging Face folder (``config.json`` with
   ``BertForSequenceClassification``, ``model.safetensors``, tokenizer files)
   that ``load_pretrained(out_dir / 'model', head='classification')`` reads.
 * ``report.json``: dev accuracy and macro-F1, steps, seconds, per-eval history,
@@ -59,6 +59,7 @@ CHECKPOINT_DIR = 'checkpoint'
 MODEL_DIR = 'model'
 REPORT_NAME = 'report.json'
 DTYPES = ('float32', 'bfloat16')
+SELECTIONS = ('best', 'last')
 EVAL_BATCH_SIZE = 128
 
 
@@ -87,6 +88,10 @@ class FinetuneConfig:
     dtype: compute dtype, ``'float32'`` or ``'bfloat16'``.
     max_train_examples / max_eval_examples: use only the first examples (tests).
     length_bucket: batches are cut to a multiple of this many tokens.
+    select: which parameters ``model/`` holds: ``'best'`` (the highest dev
+      accuracy seen at an evaluation, the first on ties) or ``'last'`` (the
+      final step's). The last ones of a longer run are usually the more
+      confident classifier, which DiffMask's agreement benefits from.
   """
   model: str = BUNDLED_MINILM
   data_dir: str | None = None
@@ -105,6 +110,7 @@ class FinetuneConfig:
   max_train_examples: int | None = None
   max_eval_examples: int | None = None
   length_bucket: int = 16
+  select: str = 'best'
 
   def __post_init__(self):
     if not isinstance(self.model, str) or not self.model:
@@ -127,6 +133,8 @@ class FinetuneConfig:
       raise ValueError(f'max_steps must be >= 1 or None, got {self.max_steps!r}')
     if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
       raise ValueError(f'time_budget_minutes must be > 0 or None, got {self.time_budget_minutes}')
+    if self.select not in SELECTIONS:
+      raise ValueError(f'select must be one of {SELECTIONS}, got {self.select!r}')
     if self.dtype not in DTYPES:
       raise ValueError(f'dtype must be one of {DTYPES}, got {self.dtype!r}')
     for name in ('max_train_examples', 'max_eval_examples'):
@@ -145,8 +153,10 @@ class FinetuneConfig:
   def fingerprint(self) -> dict:
     """What determines the trained weights; a checkpoint resumes only if it matches."""
     values = dataclasses.asdict(self)
-    for name in ('data_dir', 'time_budget_minutes', 'checkpoint_every'):
-      values.pop(name)  # where the data sits, and when the run stops or saves, change nothing
+    for name in ('data_dir', 'time_budget_minutes', 'checkpoint_every', 'select'):
+      # where the data sits, when the run stops or saves, and which of its
+      # parameters are exported change nothing in the training itself
+      values.pop(name)
     return values
 
 
@@ -423,8 +433,10 @@ def run_finetune(config: FinetuneConfig, out_dir: str | os.PathLike, *, progress
   if last_saved != step or resumed_from == step or not checkpoint_dir.exists():
     save_checkpoint(checkpoint_dir, state, best_params, metadata_now(step))
 
+  exported = best_params if config.select == 'best' else state['params']
+  exported_step = best['step'] if config.select == 'best' else step
   model_dir = save_pretrained(
-      out_dir / MODEL_DIR, model, best_params, tokenizer,
+      out_dir / MODEL_DIR, model, exported, tokenizer,
       model_type=source_config.get('model_type', 'bert'), label_names=sst.LABEL_NAMES,
       base_config={**source_config, 'problem_type': 'single_label_classification'})
   final = history[-1]
@@ -436,6 +448,10 @@ def run_finetune(config: FinetuneConfig, out_dir: str | os.PathLike, *, progress
       'dev_accuracy': best['accuracy'],
       'dev_macro_f1': best['macro_f1'],
       'best_step': best['step'],
+      'select': config.select,
+      'model_step': exported_step,
+      'model_dev_accuracy': best['accuracy'] if config.select == 'best' else final['dev_accuracy'],
+      'model_dev_macro_f1': best['macro_f1'] if config.select == 'best' else final['dev_macro_f1'],
       'final_dev_accuracy': final['dev_accuracy'],
       'final_dev_macro_f1': final['dev_macro_f1'],
       'steps': step,
@@ -454,7 +470,8 @@ def run_finetune(config: FinetuneConfig, out_dir: str | os.PathLike, *, progress
   }
   (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
   log(f'best dev accuracy {best["accuracy"]:.4f} (macro-F1 {best["macro_f1"]:.4f}) at step '
-      f'{best["step"]}; wrote {model_dir} and {out_dir / REPORT_NAME}')
+      f'{best["step"]}; wrote the step-{exported_step} model to {model_dir} and '
+      f'{out_dir / REPORT_NAME}')
   return report
 
 
@@ -485,6 +502,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--seed', type=int, default=defaults.seed)
   parser.add_argument('--time-budget-minutes', type=float, default=None,
                       help='stop (evaluate, save) after this much wall-clock time')
+  parser.add_argument('--select', choices=SELECTIONS, default=defaults.select,
+                      help='which parameters model/ holds: the best dev accuracy seen (default) '
+                      'or the last step\'s; a finished run rerun with the other choice only '
+                      're-exports')
   parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
 
 
@@ -510,7 +531,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
       batch_size=args.batch_size, learning_rate=args.learning_rate, epochs=args.epochs,
       max_steps=args.max_steps, eval_every=args.eval_every,
       checkpoint_every=args.checkpoint_every, seed=args.seed,
-      time_budget_minutes=args.time_budget_minutes)
+      time_budget_minutes=args.time_budget_minutes, select=args.select)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -518,6 +539,7 @@ def run_from_args(args: argparse.Namespace) -> int:
   out = checked_output_folder(args.out)
   config = config_from_args(args)
   report = run_finetune(config, out, progress=not args.no_progress)
-  print(f'dev accuracy {report["dev_accuracy"]:.4f}, macro-F1 {report["dev_macro_f1"]:.4f}; '
+  print(f'model/ holds step {report["model_step"]}: dev accuracy '
+        f'{report["model_dev_accuracy"]:.4f}, macro-F1 {report["model_dev_macro_f1"]:.4f}; '
         f'wrote {out / MODEL_DIR} and {out / REPORT_NAME}')
   return 0
