@@ -3,7 +3,8 @@
 Erasure's new options (every optimal set, a KL bound, a per-example budget)
 are checked against a brute-force numpy enumeration of every subset; the
 scoring against hand-computed precision, recall and F1; the pipeline end to
-end on a tiny untrained recurrent classifier and three short SST sentences.
+end on a tiny untrained recurrent classifier and on a tiny random BERT
+classifier, each on a few short SST sentences.
 """
 
 import argparse
@@ -124,7 +125,7 @@ def test_pipeline_end_to_end_on_a_tiny_untrained_model(tmp_path):
   parser = argparse.ArgumentParser()
   compare_erasure.add_arguments(parser)
   args = parser.parse_args(['--out', str(tmp_path / 'out'), '--model', str(tmp_path / 'model'),
-                            '--sentences', '3', '--max-words', '6', '--seeds', '0', '1',
+                            '--sentences', '3', '--max-tokens', '6', '--seeds', '0', '1',
                             '--steps', '4', '--samples', '1', '--max-evaluations', '1000',
                             '--no-progress'])
   report = compare_erasure.run_from_args(args)
@@ -147,6 +148,47 @@ def test_pipeline_end_to_end_on_a_tiny_untrained_model(tmp_path):
                                    'diffmask_beats_reinforce_optimality'}
   assert report['own_objective']['scored_sentences'] >= 1
   assert 'dmx compare sst-erasure' in report['command'] and '--steps 4' in report['command']
+
+
+def test_pipeline_on_a_bert_classifier_erases_word_pieces(tmp_path, sst_model_folder,
+                                                         minilm_tokenizer):
+  parser = argparse.ArgumentParser()
+  compare_erasure.add_arguments(parser)
+  args = parser.parse_args(['--out', str(tmp_path / 'out'), '--model', str(sst_model_folder),
+                            '--sentences', '3', '--max-tokens', '7', '--seeds', '0',
+                            '--steps', '3', '--samples', '1', '--max-evaluations', '200',
+                            '--no-own-objective', '--no-progress'])
+  report = compare_erasure.run_from_args(args)
+  assert report['data']['token'] == 'word piece'
+  assert 'BERT-family (2 layers' in report['model']['description']
+  assert 0.0 <= report['model']['dev_accuracy'] <= 1.0
+  assert not (tmp_path / 'out' / compare_erasure.MODEL_FOLDER).exists()  # nothing trained
+  # the sentences are the dev ones of <= 7 word pieces, [CLS] and [SEP] included
+  dev = load_sst('dev')
+  counts = np.array([len(minilm_tokenizer(list(e.words), is_split_into_words=True)['input_ids'])
+                     for e in dev])
+  assert report['data']['eligible'] == int(np.sum(counts <= 7))
+  assert all(counts[index] <= 7 for index in report['data']['indices'])
+  assert report['data']['mean_tokens'] == pytest.approx(counts[report['data']['indices']].mean())
+  erasure = report['erasure']
+  assert (erasure['scored_sentences'] + erasure['over_budget'] + erasure['empty_set_optimal']
+          == 3)
+  markdown = (tmp_path / 'out' / 'report.md').read_text()
+  assert 'word pieces' in markdown and 'BERT-family' in markdown
+
+
+def test_a_classifier_that_is_not_sst5_is_a_one_line_error(tmp_path, minilm_tokenizer):
+  from dmx.models import hf_import  # pylint: disable=import-outside-toplevel
+  from tests.conftest import tiny_bert  # pylint: disable=import-outside-toplevel
+  model, params = tiny_bert(minilm_tokenizer, 0, head='classification', num_labels=3)
+  folder = hf_import.save_pretrained(tmp_path / 'model', model, params, minilm_tokenizer)
+  parser = argparse.ArgumentParser()
+  compare_erasure.add_arguments(parser)
+  args = parser.parse_args(['--out', str(tmp_path / 'out'), '--model', str(folder),
+                            '--no-progress'])
+  with pytest.raises(ValueError, match='3-way classifier') as error:
+    compare_erasure.run_from_args(args)
+  assert '\n' not in str(error.value)
 
 
 def test_bad_config_is_a_one_line_error():

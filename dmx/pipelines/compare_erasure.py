@@ -7,12 +7,15 @@ search enumerates it. This pipeline:
 
 1. trains (or loads) the recurrent SST-5 classifier of
    :mod:`dmx.models.recurrent`, whose forward pass is cheap enough for exact
-   search, and reports its dev accuracy;
-2. selects SST sentences of at most ``max_words`` words (a fixed random
-   sample of ``num_sentences`` of them, ``sentence_seed``);
-3. runs exact erasure on the word embeddings ``h0``
+   search, or loads a fine-tuned BERT-family classifier (a Hugging Face
+   folder, as ``dmx finetune sst`` writes), and reports its dev accuracy;
+2. selects SST sentences of at most ``max_tokens`` tokens (a fixed random
+   sample of ``num_sentences`` of them, ``sentence_seed``). The tokens are
+   what the classifier's ``h0`` has a row for: words for the recurrent
+   model; word pieces, ``[CLS]`` and ``[SEP]`` included, for BERT;
+3. runs exact erasure on the token embeddings ``h0``
    (:func:`dmx.baselines.erasure_search`), keeping *every* optimal subset: the
-   smallest sets of kept words whose erasure of all other words (to the
+   smallest sets of kept tokens whose erasure of all other tokens (to the
    ``baseline`` vector, zeros by default) keeps the prediction (argmax).
    Sentences whose search passes ``max_evaluations`` model evaluations are
    excluded and counted; so are sentences whose all-erased input already gets
@@ -21,10 +24,10 @@ search enumerates it. This pipeline:
    the same baseline vector, for each seed in ``seeds``;
 5. scores each method's deterministic mask against the *closest* optimal
    set (the one with the best F1 with the mask; ties: the first in
-   lexicographic order): token precision, recall and F1 of the kept words,
-   sparsity (fraction of the words erased) and sentence-level optimality (the
+   lexicographic order): token precision, recall and F1 of the kept tokens,
+   sparsity (fraction of the tokens erased) and sentence-level optimality (the
    mask is one of the optimal sets: it keeps the prediction with the optimal
-   number of words). Averages are over sentences (macro), then mean and
+   number of tokens). Averages are over sentences (macro), then mean and
    standard deviation over seeds; ``stability`` is the fraction of sentences
    whose mask is the same for every seed.
 
@@ -36,7 +39,10 @@ margin), which separates how well a method searches from how far its
 objective is from erasure's.
 
 Writes ``report.json`` and ``report.md`` (the paper's Table 2 side by side);
-the classifier is cached under ``OUT/recurrent_model``.
+a recurrent classifier trained here is cached under ``OUT/recurrent_model``.
+Exact search costs up to ``C(n, k)`` forward passes per sentence of ``n``
+tokens whose optimal sets keep ``k``: cheap on the recurrent model, hours for
+BERT on a CPU unless ``max_tokens`` is small.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -55,8 +61,10 @@ from tqdm.auto import tqdm
 from dmx import checkpoint
 from dmx.baselines.erasure import erasure_search, make_subset_evaluator
 from dmx.baselines.per_example import per_example_diffmask, per_example_reinforce
-from dmx.data.sst import load_sst
+from dmx.data import sst
 from dmx.models import recurrent
+from dmx.models.base import MaskableModel
+from dmx.pipelines import compare_sst, finetune
 
 METHODS = ('reinforce', 'diffmask')
 METRICS = ('precision', 'recall', 'f1', 'sparsity', 'optimality')
@@ -76,7 +84,8 @@ class ErasureComparisonConfig:
 
   Attributes:
     split: the SST split the sentences come from.
-    max_words: longest sentence kept (the paper: 25 words).
+    max_tokens: longest sentence kept, in the classifier's tokens (the
+      paper: 25 tokens).
     num_sentences: how many eligible sentences to use (a fixed random sample;
       ``None``: all of them).
     sentence_seed: seed of that sample.
@@ -96,7 +105,7 @@ class ErasureComparisonConfig:
       classifier (trained on SST train, the best dev epoch kept).
   """
   split: str = 'dev'
-  max_words: int = 25
+  max_tokens: int = 25
   num_sentences: int | None = 200
   sentence_seed: int = 0
   max_evaluations: int = 200_000
@@ -119,9 +128,9 @@ class ErasureComparisonConfig:
   cell: str = 'gru'
 
   def __post_init__(self):
-    if min(self.max_words, self.max_evaluations, self.erasure_group,
+    if min(self.max_tokens, self.max_evaluations, self.erasure_group,
            self.erasure_pairs_per_call) < 1:
-      raise ValueError('max_words, max_evaluations, erasure_group and erasure_pairs_per_call '
+      raise ValueError('max_tokens, max_evaluations, erasure_group and erasure_pairs_per_call '
                        'must be >= 1')
     if self.num_sentences is not None and self.num_sentences < 1:
       raise ValueError(f'num_sentences must be >= 1, got {self.num_sentences}')
@@ -172,29 +181,79 @@ def score_against_optimal(mask: np.ndarray, optimal_keeps: np.ndarray) -> dict:
               optimality=float(np.any(np.all(optimal_keeps == mask[None], axis=1))))
 
 
-def select_sentences(examples, max_words: int, num_sentences: int | None,
+def select_sentences(token_counts: np.ndarray, max_tokens: int, num_sentences: int | None,
                      seed: int) -> tuple[list[int], int]:
-  """Indices (in file order) of a random sample of the sentences of at most ``max_words`` words.
+  """Indices (in file order) of a random sample of the sentences of at most ``max_tokens`` tokens.
 
-  Returns the indices and the number of eligible sentences.
+  ``token_counts`` ``(N,)`` holds each sentence's tokens. Returns the indices
+  and the number of eligible sentences.
   """
-  eligible = [index for index, example in enumerate(examples) if len(example.words) <= max_words]
+  eligible = [int(index) for index in np.flatnonzero(np.asarray(token_counts) <= max_tokens)]
   if not eligible:
-    raise ValueError(f'no sentence has at most {max_words} words')
+    raise ValueError(f'no sentence has at most {max_tokens} tokens')
   if num_sentences is None or num_sentences >= len(eligible):
     return eligible, len(eligible)
   chosen = np.random.default_rng(seed).choice(len(eligible), num_sentences, replace=False)
   return [eligible[i] for i in sorted(chosen)], len(eligible)
 
 
+class ErasureClassifier(NamedTuple):
+  """The frozen SST-5 classifier whose token embeddings ``h0`` are erased, and its tokenisation.
+
+  Attributes:
+    model, params: the classifier (outputs ``(batch, 5)``).
+    token_counts: sentences -> ``(N,)`` tokens per sentence (``h0`` rows).
+    encode: sentences -> the model's batch, padded to the longest of them.
+    token_name: what one token is, for the report (``'word'``, ``'word piece'``).
+    summary: ``description``, ``source``, ``dev_accuracy`` and details, for the report.
+  """
+  model: MaskableModel
+  params: Any
+  token_counts: Callable[[Sequence[sst.SstExample]], np.ndarray]
+  encode: Callable[[Sequence[sst.SstExample]], dict]
+  token_name: str
+  summary: dict
+
+
+def is_hugging_face_folder(path: str | Path | None) -> bool:
+  """Whether ``path`` is a Hugging Face model folder (it has ``config.json``)."""
+  return path is not None and (Path(path).expanduser() / 'config.json').is_file()
+
+
+def load_bert_classifier(model_dir: str | Path, data_dir) -> ErasureClassifier:
+  """A fine-tuned BERT-family SST-5 classifier; its tokens are word pieces with ``[CLS]``/``[SEP]``."""
+  frozen = compare_sst.load_classifier(str(model_dir))
+  if frozen.model.config.num_labels != sst.NUM_CLASSES:
+    raise ValueError(f'--model {model_dir}: a {frozen.model.config.num_labels}-way classifier, '
+                     f'not an SST-5 one ({sst.NUM_CLASSES} classes)')
+  limit = frozen.model.config.max_sequence_length
+  dev = sst.encode_sst(sst.load_sst('dev', data_dir), frozen.tokenizer, limit)
+  dev_scores = finetune.evaluate(finetune.make_predict(frozen.model), frozen.params, dev)
+
+  def encode(examples):
+    longest = int(sst.token_lengths(examples, frozen.tokenizer).max())
+    return sst.encode_sst(examples, frozen.tokenizer, longest, strict=True).as_batch()
+
+  summary = dict(
+      source=str(model_dir), dev_accuracy=dev_scores['accuracy'],
+      description=(f'BERT-family ({frozen.model.config.num_layers} layers, hidden '
+                   f'{frozen.model.config.hidden_size}), fine-tuned'))
+  return ErasureClassifier(frozen.model, frozen.params,
+                           lambda examples: sst.token_lengths(examples, frozen.tokenizer),
+                           encode, 'word piece', summary)
+
+
 def load_or_train_model(config: ErasureComparisonConfig, out_dir: Path,
                         model_dir: str | Path | None, data_dir, progress: bool,
-                        log: Callable[[str], None]) -> tuple[recurrent.TrainedRecurrent, dict]:
-  """The classifier of ``model_dir``, or the one cached in ``OUT/recurrent_model``, or a new one.
+                        log: Callable[[str], None]) -> ErasureClassifier:
+  """The classifier of ``model_dir``, or the recurrent one cached in ``OUT/recurrent_model``, or a new one.
 
-  A cached model is reused only when its training settings match the config's;
-  a ``model_dir`` is used as it is. Returns the model and a summary for the report.
+  ``model_dir`` is a Hugging Face folder (a fine-tuned BERT) or a saved
+  recurrent classifier, used as it is. A cached recurrent model is reused only
+  when its training settings match the config's.
   """
+  if is_hugging_face_folder(model_dir):
+    return load_bert_classifier(model_dir, data_dir)
   cached = out_dir / MODEL_FOLDER
   if model_dir is not None:
     trained, metadata = recurrent.load_recurrent(model_dir)
@@ -204,8 +263,8 @@ def load_or_train_model(config: ErasureComparisonConfig, out_dir: Path,
     trained, metadata = recurrent.load_recurrent(cached)
     source = f'{cached} (cached)'
   else:
-    train_examples = load_sst('train', data_dir)
-    dev_examples = load_sst('dev', data_dir)
+    train_examples = sst.load_sst('train', data_dir)
+    dev_examples = sst.load_sst('dev', data_dir)
     log(f'training the recurrent classifier on {len(train_examples)} SST train sentences')
     started = time.monotonic()
     trained = recurrent.train_recurrent_classifier(
@@ -219,20 +278,32 @@ def load_or_train_model(config: ErasureComparisonConfig, out_dir: Path,
                                                    train_seconds=seconds))
     metadata = checkpoint.read_metadata(cached)
     source = f'{cached} (trained in {seconds:.0f} s)'
-  summary = dict(source=source, config=dataclasses.asdict(trained.model.config),
-                 dev_accuracy=trained.dev_accuracy, vocabulary_size=len(trained.vocabulary),
-                 history=trained.history, train_seconds=metadata.get('train_seconds'))
-  return trained, summary
+  model_config = trained.model.config
+  summary = dict(
+      source=source, config=dataclasses.asdict(model_config), dev_accuracy=trained.dev_accuracy,
+      vocabulary_size=len(trained.vocabulary), history=trained.history,
+      train_seconds=metadata.get('train_seconds'),
+      description=(f'recurrent ({model_config.cell.upper()}, '
+                   f'{"bidirectional" if model_config.bidirectional else "unidirectional"}, '
+                   f'embedding {model_config.embedding_dim}, hidden {model_config.hidden_dim}, '
+                   f'vocabulary {len(trained.vocabulary)})'))
+
+  def encode(examples):
+    return recurrent.encode_words([example.words for example in examples], trained.vocabulary)
+
+  return ErasureClassifier(trained.model, trained.params,
+                           lambda examples: np.array([len(e.words) for e in examples]),
+                           encode, 'word', summary)
 
 
-def exact_erasure(trained: recurrent.TrainedRecurrent, batch: dict, config: ErasureComparisonConfig,
+def exact_erasure(classifier: ErasureClassifier, batch: dict, config: ErasureComparisonConfig,
                   max_divergence: float | None, progress: bool, description: str):
   """Erasure with every optimal set, in groups of ``erasure_group`` sentences, one compiled evaluator.
 
   Returns ``(sizes (N,), optimal_keeps list, found (N,), evaluations, seconds)``;
   size 0 means the empty set keeps the prediction.
   """
-  evaluator = make_subset_evaluator(trained.model, 0)
+  evaluator = make_subset_evaluator(classifier.model, 0)
   num = len(batch['mask'])
   sizes = np.full(num, -1)
   found = np.zeros(num, bool)
@@ -243,7 +314,7 @@ def exact_erasure(trained: recurrent.TrainedRecurrent, batch: dict, config: Eras
                     disable=not progress):
     rows = np.arange(start, min(start + config.erasure_group, num))
     group = {name: value[rows] for name, value in batch.items()}
-    result = erasure_search(trained.model, trained.params, group, min_size=0,
+    result = erasure_search(classifier.model, classifier.params, group, min_size=0,
                             max_evaluations=10**12, pairs_per_call=config.erasure_pairs_per_call,
                             on_budget='flag',
                             max_evaluations_per_example=config.max_evaluations,
@@ -256,7 +327,7 @@ def exact_erasure(trained: recurrent.TrainedRecurrent, batch: dict, config: Eras
   return sizes, optimal_keeps, found, evaluations, time.monotonic() - started
 
 
-def run_methods(trained: recurrent.TrainedRecurrent, batch: dict, config: ErasureComparisonConfig,
+def run_methods(classifier: ErasureClassifier, batch: dict, config: ErasureComparisonConfig,
                 progress: bool) -> dict:
   """``{method: {seed: (masks (N, seq), keeps_prediction (N,), divergence (N,), seconds)}}``."""
   functions = {'diffmask': per_example_diffmask, 'reinforce': per_example_reinforce}
@@ -270,7 +341,8 @@ def run_methods(trained: recurrent.TrainedRecurrent, batch: dict, config: Erasur
       parts = []
       for start in range(0, num, config.batch_size):
         rows = {name: value[start:start + config.batch_size] for name, value in batch.items()}
-        found = functions[method](trained.model, trained.params, rows, key=jax.random.key(seed),
+        found = functions[method](classifier.model, classifier.params, rows,
+                                  key=jax.random.key(seed),
                                   progress=progress, description=f'{method} seed {seed}',
                                   **extra[method], **config.method_options())
         parts.append(jax.device_get((found.mask, found.keeps_prediction, found.divergence)))
@@ -284,9 +356,9 @@ def score_method(masks: np.ndarray, keeps_prediction: np.ndarray, lengths: np.nd
                  included: np.ndarray) -> dict:
   """Macro averages (percent) of :func:`score_against_optimal` over the ``included`` sentences.
 
-  Also ``sparsity`` (percent of words erased), ``keeps_prediction`` (percent)
+  Also ``sparsity`` (percent of tokens erased), ``keeps_prediction`` (percent)
   and ``optimality_by_size`` (keeps the prediction with the optimal number of
-  words), which must equal ``optimality``.
+  tokens), which must equal ``optimality``.
   """
   rows = np.flatnonzero(included)
   scores = [score_against_optimal(masks[i], optimal_keeps[i]) for i in rows]
@@ -297,7 +369,7 @@ def score_method(masks: np.ndarray, keeps_prediction: np.ndarray, lengths: np.nd
   summary['sparsity'] = 100.0 * float(np.mean(1.0 - kept / lengths[rows]))
   summary['keeps_prediction'] = 100.0 * float(np.mean(keeps_prediction[rows]))
   summary['optimality_by_size'] = 100.0 * float(np.mean(by_size))
-  summary['mean_kept_words'] = float(np.mean(kept))
+  summary['mean_kept_tokens'] = float(np.mean(kept))
   return summary
 
 
@@ -322,26 +394,27 @@ def run_compare_erasure(config: ErasureComparisonConfig, out_dir: str | Path, *,
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   started = time.monotonic()
-  trained, model_summary = load_or_train_model(config, out_dir, model_dir, data_dir, progress, log)
-  log(f'classifier: dev accuracy {model_summary["dev_accuracy"]:.4f} ({model_summary["source"]})')
-  examples = load_sst(config.split, data_dir)
-  indices, num_eligible = select_sentences(examples, config.max_words, config.num_sentences,
-                                           config.sentence_seed)
+  classifier = load_or_train_model(config, out_dir, model_dir, data_dir, progress, log)
+  model_summary = classifier.summary
+  log(f'classifier: {model_summary["description"]}, dev accuracy '
+      f'{model_summary["dev_accuracy"]:.4f} ({model_summary["source"]})')
+  examples = sst.load_sst(config.split, data_dir)
+  indices, num_eligible = select_sentences(classifier.token_counts(examples), config.max_tokens,
+                                           config.num_sentences, config.sentence_seed)
   chosen = [examples[i] for i in indices]
-  batch = recurrent.encode_words([e.words for e in chosen], trained.vocabulary,
-                                 max(len(e.words) for e in chosen))
-  lengths = batch['mask'].sum(axis=1)
-  log(f'{len(chosen)} of {num_eligible} {config.split} sentences of <= {config.max_words} words '
-      f'({len(examples)} in all)')
+  batch = classifier.encode(chosen)
+  lengths = np.asarray(batch['mask']).sum(axis=1)
+  log(f'{len(chosen)} of {num_eligible} {config.split} sentences of <= {config.max_tokens} '
+      f'{classifier.token_name}s ({len(examples)} in all)')
 
   sizes, optimal_keeps, found, evaluations, erasure_seconds = exact_erasure(
-      trained, batch, config, None, progress, 'exact erasure')
+      classifier, batch, config, None, progress, 'exact erasure')
   empty_optimal = found & (sizes == 0)
   included = found & (sizes > 0)
   log(f'erasure: {int(included.sum())} sentences scored, {int((~found).sum())} over the budget, '
       f'{int(empty_optimal.sum())} with the empty set optimal ({erasure_seconds:.0f} s)')
 
-  method_results = run_methods(trained, batch, config, progress)
+  method_results = run_methods(classifier, batch, config, progress)
 
   def score_all(optimal, sizes_, included_):
     if not included_.any():  # nothing to score against: say so rather than average nothing
@@ -370,7 +443,7 @@ def run_compare_erasure(config: ErasureComparisonConfig, out_dir: str | Path, *,
   own = None
   if config.own_objective:
     own_sizes, own_keeps, own_found, own_evaluations, own_seconds = exact_erasure(
-        trained, batch, config, config.margin, progress, 'exact erasure within the margin')
+        classifier, batch, config, config.margin, progress, 'exact erasure within the margin')
     own_included = own_found & (own_sizes > 0)
     own = dict(scored_sentences=int(own_included.sum()), over_budget=int((~own_found).sum()),
                empty_set_optimal=int((own_found & (own_sizes == 0)).sum()),
@@ -389,9 +462,10 @@ def run_compare_erasure(config: ErasureComparisonConfig, out_dir: str | Path, *,
   report = dict(
       command=command, config=dataclasses.asdict(config), model=model_summary,
       data=dict(split=config.split, sentences=len(chosen), eligible=num_eligible,
-                total=len(examples), indices=indices, mean_words=float(np.mean(lengths))),
-      baseline='zeros: an erased word embedding h0 becomes the zero vector (erasure and both '
-               'methods alike)',
+                total=len(examples), indices=indices, token=classifier.token_name,
+                mean_tokens=float(np.mean(lengths))),
+      baseline=f'zeros: an erased {classifier.token_name} embedding h0 becomes the zero vector '
+               '(erasure and both methods alike)',
       erasure=erasure_summary, methods=methods, own_objective=own,
       paper=dict(table2=PAPER_TABLE2), checks=checks,
       seconds=time.monotonic() - started)
@@ -419,23 +493,21 @@ def format_markdown(report: dict) -> str:
   config, model, data, erasure = (report['config'], report['model'], report['data'],
                                   report['erasure'])
   reinforce, diffmask = report['methods']['reinforce'], report['methods']['diffmask']
+  token = data['token']
   lines = [
       '# SST, Table 2: per-example DiffMask and REINFORCE against exact erasure', '',
       f'Command: `{report["command"]}`.', '',
-      f'Classifier: recurrent ({model["config"]["cell"].upper()}, '
-      f'{"bidirectional" if model["config"]["bidirectional"] else "unidirectional"}, embedding '
-      f'{model["config"]["embedding_dim"]}, hidden {model["config"]["hidden_dim"]}, vocabulary '
-      f'{model["vocabulary_size"]}), SST-5 dev accuracy {model["dev_accuracy"]:.4f}; '
+      f'Classifier: {model["description"]}, SST-5 dev accuracy {model["dev_accuracy"]:.4f}; '
       f'{model["source"]}.', '',
       f'Data: {data["sentences"]} of the {data["eligible"]} {data["split"]} sentences of at most '
-      f'{config["max_words"]} words ({data["total"]} in all; sample seed '
-      f'{config["sentence_seed"]}; {data["mean_words"]:.1f} words on average).', '',
-      f'Erasure of word embeddings (an erased word\'s embedding becomes the zero vector, for '
-      f'erasure and both methods alike): {erasure["scored_sentences"]} sentences scored; '
+      f'{config["max_tokens"]} {token}s ({data["total"]} in all; sample seed '
+      f'{config["sentence_seed"]}; {data["mean_tokens"]:.1f} {token}s on average).', '',
+      f'Erasure of {token} embeddings (an erased {token}\'s embedding becomes the zero vector, '
+      f'for erasure and both methods alike): {erasure["scored_sentences"]} sentences scored; '
       f'excluded: {erasure["over_budget"]} over the budget of {config["max_evaluations"]} '
       f'evaluations per sentence, {erasure["empty_set_optimal"]} whose all-erased input already '
       f'keeps the prediction (the empty set is optimal). Optimal sets keep '
-      f'{_number(erasure["mean_optimal_size"])} words on average; '
+      f'{_number(erasure["mean_optimal_size"])} {token}s on average; '
       f'{_number(erasure["mean_optimal_sets"])} optimal sets per sentence.', '',
       f'Per-example search: {config["steps"]} steps, margin {config["margin"]}, learning rate '
       f'{config["learning_rate"]} (Adam), {config["samples"]} gate samples per step, seeds '
@@ -451,8 +523,8 @@ def format_markdown(report: dict) -> str:
   lines += [
       f'| mask keeps the prediction | {_cell(reinforce, "keeps_prediction")} | '
       f'{_cell(diffmask, "keeps_prediction")} | | | 100 |',
-      f'| kept words (mean) | {_cell(reinforce, "mean_kept_words")} | '
-      f'{_cell(diffmask, "mean_kept_words")} | | | {_number(erasure["mean_optimal_size"])} |',
+      f'| kept {token}s (mean) | {_cell(reinforce, "mean_kept_tokens")} | '
+      f'{_cell(diffmask, "mean_kept_tokens")} | | | {_number(erasure["mean_optimal_size"])} |',
       f'| same mask for every seed | {_number(reinforce["stability"])} | '
       f'{_number(diffmask["stability"])} | | | |',
       '', '## Checks (the issue\'s must-show: DiffMask beats REINFORCE)', '']
@@ -473,12 +545,12 @@ def format_markdown(report: dict) -> str:
   lines += [
       '', '## Definitions', '',
       'Every metric is computed per sentence and averaged over the scored sentences (macro). '
-      'Precision, recall and F1 compare the words a method keeps (its deterministic mask, '
+      f'Precision, recall and F1 compare the {token}s a method keeps (its deterministic mask, '
       '1[P(gate open) > 1/2]) with the optimal set closest to it (best F1 among all optimal sets; '
-      'a mask keeping nothing has precision 0). Sparsity is the fraction of a sentence\'s words '
-      'erased. Optimality: the mask is one of the optimal sets, i.e. it keeps the prediction '
-      'with the fewest words possible. Stability: the fraction of sentences whose mask is the '
-      'same for every seed. Seconds per run: `report.json`.',
+      f'a mask keeping nothing has precision 0). Sparsity is the fraction of a sentence\'s '
+      f'{token}s erased. Optimality: the mask is one of the optimal sets, i.e. it keeps the '
+      f'prediction with the fewest {token}s possible. Stability: the fraction of sentences whose '
+      'mask is the same for every seed. Seconds per run: `report.json`.',
   ]
   return '\n'.join(lines) + '\n'
 
@@ -488,14 +560,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   defaults = ErasureComparisonConfig()
   parser.add_argument('--out', required=True, help='output folder (created if missing)')
   parser.add_argument('--model', default=None,
-                      help='a saved recurrent classifier folder; default: train one (or reuse '
-                      'OUT/recurrent_model)')
+                      help='a fine-tuned SST-5 classifier: a Hugging Face folder (BERT family, '
+                      'as dmx finetune sst writes) or a saved recurrent classifier folder; '
+                      'default: train a recurrent one (or reuse OUT/recurrent_model)')
   parser.add_argument('--data', default=None, dest='data_dir',
                       help='folder holding sst/{train,dev}.txt (default ../shared/data)')
   parser.add_argument('--split', choices=('train', 'dev', 'test'), default=defaults.split)
   parser.add_argument('--sentences', type=int, default=defaults.num_sentences,
                       help='eligible sentences sampled (0: all)')
-  parser.add_argument('--max-words', type=int, default=defaults.max_words)
+  parser.add_argument('--max-tokens', type=int, default=defaults.max_tokens,
+                      help='longest sentence kept, in the classifier\'s tokens (words for the '
+                      'recurrent model, word pieces with [CLS] and [SEP] for BERT)')
   parser.add_argument('--max-evaluations', type=int, default=defaults.max_evaluations,
                       help='erasure budget per sentence (model evaluations)')
   parser.add_argument('--seeds', type=int, nargs='+', default=list(defaults.seeds))
@@ -518,7 +593,7 @@ def command_line(args: argparse.Namespace) -> str:
   if args.data_dir is not None:
     parts.append(f'--data {args.data_dir}')
   parts += [f'--split {args.split}', f'--sentences {args.sentences}',
-            f'--max-words {args.max_words}', f'--max-evaluations {args.max_evaluations}',
+            f'--max-tokens {args.max_tokens}', f'--max-evaluations {args.max_evaluations}',
             f'--seeds {" ".join(map(str, args.seeds))}', f'--steps {args.steps}',
             f'--margin {args.margin}', f'--learning-rate {args.learning_rate}',
             f'--samples {args.samples}', f'--model-epochs {args.model_epochs}']
@@ -532,7 +607,7 @@ def config_from_args(args: argparse.Namespace) -> ErasureComparisonConfig:
   if args.sentences is not None and args.sentences < 0:
     raise ValueError(f'--sentences must be >= 0, got {args.sentences}')
   return ErasureComparisonConfig(
-      split=args.split, max_words=args.max_words,
+      split=args.split, max_tokens=args.max_tokens,
       num_sentences=None if not args.sentences else args.sentences,
       max_evaluations=args.max_evaluations, seeds=tuple(args.seeds), steps=args.steps,
       margin=args.margin, learning_rate=args.learning_rate, samples=args.samples,
