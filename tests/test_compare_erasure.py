@@ -177,6 +177,36 @@ def test_pipeline_on_a_bert_classifier_erases_word_pieces(tmp_path, sst_model_fo
   assert 'word pieces' in markdown and 'BERT-family' in markdown
 
 
+def test_pipeline_trains_the_originals_recurrent_model_on_pretrained_pieces(tmp_path,
+                                                                          sst_model_folder):
+  from dmx.data.sst import default_data_dir  # pylint: disable=import-outside-toplevel
+  data = tmp_path / 'data'
+  (data / 'sst').mkdir(parents=True)
+  for split, count in (('train', 40), ('dev', 40)):
+    lines = (default_data_dir() / 'sst' / f'{split}.txt').read_text().splitlines()[:count]
+    (data / 'sst' / f'{split}.txt').write_text('\n'.join(lines) + '\n')
+  parser = argparse.ArgumentParser()
+  compare_erasure.add_arguments(parser)
+  args = parser.parse_args(['--out', str(tmp_path / 'out'), '--data', str(data),
+                            '--pretrained-embeddings', str(sst_model_folder), '--model-epochs',
+                            '1', '--sentences', '2', '--max-tokens', '12', '--seeds', '0',
+                            '--steps', '2', '--samples', '1', '--max-evaluations', '300',
+                            '--no-own-objective', '--no-progress'])
+  report = compare_erasure.run_from_args(args)
+  config = report['model']['config']
+  assert (config['cell'], config['bidirectional']) == ('gru', False)
+  assert config['hidden_dim'] == config['embedding_dim'] == 32  # as wide as the tiny BERT's
+  assert report['data']['token'] == 'word piece'
+  assert '--pretrained-embeddings' in report['command']
+  trained, metadata = recurrent.load_recurrent(tmp_path / 'out' / compare_erasure.MODEL_FOLDER)
+  assert metadata['fingerprint']['pretrained_embeddings'] == str(sst_model_folder)
+  from dmx.models.hf_import import load_pretrained  # pylint: disable=import-outside-toplevel
+  _, bert_params, _ = load_pretrained(sst_model_folder, head=None)
+  np.testing.assert_array_equal(
+      np.asarray(trained.params['params']['embedding']['embedding']),
+      np.asarray(bert_params['embeddings']['word_embeddings']['embedding']))
+
+
 def test_a_classifier_that_is_not_sst5_is_a_one_line_error(tmp_path, minilm_tokenizer):
   from dmx.models import hf_import  # pylint: disable=import-outside-toplevel
   from tests.conftest import tiny_bert  # pylint: disable=import-outside-toplevel
@@ -198,6 +228,15 @@ def test_bad_config_is_a_one_line_error():
     compare_erasure.ErasureComparisonConfig(margin=-0.1)
   with pytest.raises(ValueError, match='num_sentences'):
     compare_erasure.ErasureComparisonConfig(num_sentences=0)
+
+
+def test_a_given_model_and_embeddings_to_train_with_are_a_one_line_error(tmp_path):
+  parser = argparse.ArgumentParser()
+  compare_erasure.add_arguments(parser)
+  args = parser.parse_args(['--out', str(tmp_path / 'out'), '--model', str(tmp_path),
+                            '--pretrained-embeddings', 'bundled-minilm'])
+  with pytest.raises(ValueError, match='give one of them'):
+    compare_erasure.run_from_args(args)
 
 
 def test_missing_data_is_a_one_line_error(tmp_path):

@@ -1,5 +1,7 @@
 """Tests of the recurrent SST classifier (dmx.models.recurrent)."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,55 @@ def test_bad_config_is_a_one_line_error():
     recurrent.RecurrentConfig(vocab_size=10, cell='rnn')
   with pytest.raises(ValueError, match='vocab_size'):
     recurrent.RecurrentConfig(vocab_size=1)
+
+
+def test_word_pieces_are_bert_inputs(minilm_tokenizer):
+  batch = recurrent.encode_pieces([['unforgettable', 'film'], ['dull']], minilm_tokenizer)
+  expected = [minilm_tokenizer(' '.join(words))['input_ids']
+              for words in (['unforgettable', 'film'], ['dull'])]
+  assert batch['input_ids'].shape == (2, len(expected[0]))
+  assert list(batch['input_ids'][0]) == expected[0]
+  assert list(batch['input_ids'][1, :3]) == expected[1] and not batch['mask'][1, 3:].any()
+  assert expected[0][0] == minilm_tokenizer.cls_token_id
+  assert expected[0][-1] == minilm_tokenizer.sep_token_id
+  with pytest.raises(ValueError, match='more than length=2'):
+    recurrent.encode_pieces([['dull']], minilm_tokenizer, length=2)
+
+
+def test_frozen_pretrained_embeddings_stay_fixed_and_round_trip(tmp_path, minilm_tokenizer):
+  labels = [3, 0, 2, 4]
+  table = np.random.default_rng(0).normal(size=(len(minilm_tokenizer), 6)).astype(np.float32)
+  trained = recurrent.train_recurrent_classifier(
+      SENTENCES, labels, SENTENCES, labels, config_overrides=dict(hidden_dim=6,
+                                                                  bidirectional=False),
+      epochs=3, batch_size=4, learning_rate=3e-2, progress=False, tokenizer=minilm_tokenizer,
+      frozen_embeddings=table)
+  params = trained.params['params']
+  np.testing.assert_array_equal(np.asarray(params['embedding']['embedding']), table)
+  untrained = trained.model.init(jax.random.key(0))['params']
+  assert not np.allclose(params['classifier']['kernel'], untrained['classifier']['kernel'])
+  assert trained.vocabulary is None and trained.model.config.embedding_dim == 6
+  assert list(trained.token_counts(SENTENCES)) == [
+      len(minilm_tokenizer(list(words), is_split_into_words=True)['input_ids'])
+      for words in SENTENCES]
+
+  recurrent.save_recurrent(tmp_path / 'model', trained)
+  loaded, metadata = recurrent.load_recurrent(tmp_path / 'model')
+  assert metadata['tokens'] == 'word pieces' and loaded.vocabulary is None
+  batch = loaded.encode(SENTENCES)
+  np.testing.assert_array_equal(batch['input_ids'], trained.encode(SENTENCES)['input_ids'])
+  np.testing.assert_allclose(loaded.model.forward(loaded.params, batch)[0],
+                             trained.model.forward(trained.params, batch)[0], rtol=1e-6)
+  shutil.rmtree(tmp_path / 'model' / recurrent.TOKENIZER_FOLDER)
+  with pytest.raises(recurrent.checkpoint.CheckpointError, match='without its tokenizer'):
+    recurrent.load_recurrent(tmp_path / 'model')
+
+
+def test_frozen_embeddings_must_match_the_tokenizer(minilm_tokenizer):
+  with pytest.raises(ValueError, match='pass the tokenizer'):
+    recurrent.train_recurrent_classifier(SENTENCES, [0, 1, 2, 3], SENTENCES, [0, 1, 2, 3],
+                                         frozen_embeddings=np.zeros((10, 4)), progress=False)
+  with pytest.raises(ValueError, match='vocabulary'):
+    recurrent.train_recurrent_classifier(SENTENCES, [0, 1, 2, 3], SENTENCES, [0, 1, 2, 3],
+                                         tokenizer=minilm_tokenizer,
+                                         frozen_embeddings=np.zeros((10, 4)), progress=False)

@@ -1,14 +1,21 @@
 """A small recurrent SST-5 classifier whose forward passes are cheap enough for exact erasure.
 
-``word ids -> embedding (h0) -> (bi)directional GRU or LSTM (h1) -> linear
+``token ids -> embedding (h0) -> (bi)directional GRU or LSTM (h1) -> linear
 classifier on the final states``: the forward direction's state at the last
-real word and, when bidirectional, the backward direction's state at the first
-word (the backward RNN reads only the real words, so padding never reaches
-the classifier). Words are lower-cased; the vocabulary is the words of the
-training sentences seen at least ``min_count`` times, the rest map to
-``<unk>``. It serves the per-example mask search of the paper's sec. 4.2.1
-(Table 2): exact erasure tries tens of thousands of subsets per sentence,
-which a BERT cannot afford on a CPU and this model can.
+real token and, when bidirectional, the backward direction's state at the
+first token (the backward RNN reads only the real tokens, so padding never
+reaches the classifier). It serves the per-example mask search of the paper's
+sec. 4.2.1 (Table 2): exact erasure tries tens of thousands of subsets per
+sentence, which a BERT cannot afford on a CPU and this model can.
+
+Its tokens are either
+
+* words: lower-cased, the vocabulary is the words of the training sentences
+  seen at least ``min_count`` times, the rest map to ``<unk>``, embeddings
+  trained from scratch; or
+* word pieces of a pretrained BERT-family tokenizer, ``[CLS] pieces [SEP]``,
+  over that model's word embeddings, frozen: the original's recurrent SST
+  classifier (a unidirectional GRU over frozen BERT embeddings).
 
 It implements :class:`dmx.models.base.MaskableModel` over two states, ``h0``
 the word embeddings and ``h1`` the RNN outputs per position; batches are dicts
@@ -47,6 +54,7 @@ PAD_ID, UNK_ID = 0, 1
 CELLS = ('gru', 'lstm')
 STATE_NAMES = ('embedding', 'recurrent')
 MODEL_KIND = 'dmx recurrent classifier'
+TOKENIZER_FOLDER = 'tokenizer'  # a word-piece model's tokenizer, inside its checkpoint folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +145,33 @@ def encode_words(sentences: Sequence[Sequence[str]], vocabulary: Vocabulary,
   input_ids = np.full((len(sentences), length), PAD_ID, np.int32)
   for row, words in enumerate(sentences):
     input_ids[row, :len(words)] = [vocabulary.lookup(word) for word in words]
+  mask = np.arange(length)[None, :] < np.asarray(lengths)[:, None]
+  return {'input_ids': input_ids, 'mask': mask}
+
+
+def _piece_ids(sentences: Sequence[Sequence[str]], tokenizer) -> list[list[int]]:
+  return tokenizer([list(words) for words in sentences], is_split_into_words=True,
+                   add_special_tokens=True, truncation=False)['input_ids']
+
+
+def encode_pieces(sentences: Sequence[Sequence[str]], tokenizer, length: int | None = None
+                  ) -> dict:
+  """The batch of a word-piece model: ``input_ids`` ``[CLS] pieces [SEP]`` ``(N, S)`` and ``mask``.
+
+  ``S`` is ``length``, or the longest sentence when ``None`` (ValueError if one
+  is longer). Padding positions hold id 0 and are never read.
+  """
+  if any(len(words) == 0 for words in sentences):
+    raise ValueError('a sentence has no words')
+  pieces = _piece_ids(sentences, tokenizer)
+  lengths = [len(ids) for ids in pieces]
+  longest = max(lengths, default=1)
+  length = longest if length is None else length
+  if longest > length:
+    raise ValueError(f'a sentence has {longest} word pieces, more than length={length}')
+  input_ids = np.zeros((len(sentences), length), np.int32)
+  for row, ids in enumerate(pieces):
+    input_ids[row, :len(ids)] = ids
   mask = np.arange(length)[None, :] < np.asarray(lengths)[:, None]
   return {'input_ids': input_ids, 'mask': mask}
 
@@ -234,16 +269,31 @@ class RecurrentModel:
 
 
 class TrainedRecurrent(NamedTuple):
-  """A trained classifier: the model, its parameters, vocabulary and training record.
+  """A trained classifier: the model, its parameters, tokenisation and training record.
 
-  ``history`` holds one dict per epoch (``epoch``, ``loss``, ``dev_accuracy``);
-  ``dev_accuracy`` is the kept epoch's.
+  ``vocabulary`` is the word vocabulary, or ``None`` for a word-piece model,
+  whose ``tokenizer`` (a fast Hugging Face tokenizer) encodes its inputs (see
+  :func:`encode`). ``history`` holds one dict per epoch (``epoch``, ``loss``,
+  ``dev_accuracy``); ``dev_accuracy`` is the kept epoch's.
   """
   model: RecurrentModel
   params: dict
-  vocabulary: Vocabulary
+  vocabulary: Vocabulary | None
   dev_accuracy: float
   history: list
+  tokenizer: object = None
+
+  def encode(self, sentences: Sequence[Sequence[str]], length: int | None = None) -> dict:
+    """The model's batch for sentences given as words (:func:`encode_words` or :func:`encode_pieces`)."""
+    if self.tokenizer is not None:
+      return encode_pieces(sentences, self.tokenizer, length)
+    return encode_words(sentences, self.vocabulary, length)
+
+  def token_counts(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
+    """``(N,)`` tokens per sentence, the rows of its ``h0``."""
+    if self.tokenizer is not None:
+      return np.array([len(ids) for ids in _piece_ids(sentences, self.tokenizer)])
+    return np.array([len(words) for words in sentences])
 
 
 def make_predictor(model: RecurrentModel) -> Callable:
@@ -272,28 +322,50 @@ def train_recurrent_classifier(train_sentences: Sequence[Sequence[str]], train_l
                                seed: int = 0, epochs: int = 10, batch_size: int = 32,
                                learning_rate: float = 2e-3, weight_decay: float = 1e-4,
                                embedding_dropout: float = 0.3, progress: bool = True,
-                               log: Callable[[str], None] | None = None) -> TrainedRecurrent:
+                               log: Callable[[str], None] | None = None,
+                               tokenizer=None, frozen_embeddings: np.ndarray | None = None
+                               ) -> TrainedRecurrent:
   """Trains a :class:`RecurrentModel` with AdamW and cross-entropy; keeps the best dev epoch.
 
-  The vocabulary is built from ``train_sentences`` (:func:`build_vocabulary`).
-  Dropout (rate ``embedding_dropout``) is applied to ``h0`` through
-  ``forward_from``, so training and masking share one code path. Batches are
-  padded to the longest training sentence (one compiled step).
+  Without ``tokenizer`` the tokens are words and the vocabulary is built from
+  ``train_sentences`` (:func:`build_vocabulary`); with it they are its word
+  pieces (:func:`encode_pieces`). Dropout (rate ``embedding_dropout``) is
+  applied to ``h0`` through ``forward_from``, so training and masking share one
+  code path. Batches are padded to the longest training sentence (one
+  compiled step).
 
   Args:
     train_sentences, dev_sentences: lists of words per sentence.
     train_labels, dev_labels: ``(N,)`` ints in ``[0, num_classes)``.
-    config_overrides: fields of :class:`RecurrentConfig` besides ``vocab_size``.
+    config_overrides: fields of :class:`RecurrentConfig` besides ``vocab_size``
+      (and ``embedding_dim`` with ``frozen_embeddings``).
+    tokenizer: a fast Hugging Face tokenizer: the model reads its word pieces.
+    frozen_embeddings: ``(vocab_size, embedding_dim)`` the embedding table,
+      kept fixed (only the RNN and the classifier train); needs ``tokenizer``.
   """
   if epochs < 1 or batch_size < 1:
     raise ValueError(f'epochs and batch_size must be >= 1, got {epochs}, {batch_size}')
   if not 0.0 <= embedding_dropout < 1.0:
     raise ValueError(f'embedding_dropout must lie in [0, 1), got {embedding_dropout}')
-  vocabulary = build_vocabulary(train_sentences, min_count)
-  config = RecurrentConfig(vocab_size=len(vocabulary), **(config_overrides or {}))
+  overrides = dict(config_overrides or {})
+  if tokenizer is None:
+    if frozen_embeddings is not None:
+      raise ValueError('frozen_embeddings index a tokenizer\'s word pieces: pass the tokenizer')
+    vocabulary = build_vocabulary(train_sentences, min_count)
+    vocab_size = len(vocabulary)
+  else:
+    vocabulary, vocab_size = None, len(tokenizer)
+  if frozen_embeddings is not None:
+    frozen_embeddings = np.asarray(frozen_embeddings, np.float32)
+    if frozen_embeddings.ndim != 2 or frozen_embeddings.shape[0] != vocab_size:
+      raise ValueError(f'frozen_embeddings must be ({vocab_size}, width), the tokenizer\'s '
+                       f'vocabulary; got {frozen_embeddings.shape}')
+    overrides['embedding_dim'] = frozen_embeddings.shape[1]
+  config = RecurrentConfig(vocab_size=vocab_size, **overrides)
   model = RecurrentModel(config)
-  train = encode_words(train_sentences, vocabulary)
-  dev = encode_words(dev_sentences, vocabulary)
+  untrained = TrainedRecurrent(model, None, vocabulary, 0.0, [], tokenizer)
+  train = untrained.encode(train_sentences)
+  dev = untrained.encode(dev_sentences)
   train_labels = np.asarray(train_labels, np.int32)
   dev_labels = np.asarray(dev_labels, np.int32)
   if train_labels.min() < 0 or train_labels.max() >= config.num_classes:
@@ -301,6 +373,13 @@ def train_recurrent_classifier(train_sentences: Sequence[Sequence[str]], train_l
   key = jax.random.key(seed)
   params = model.init(key)
   optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
+  if frozen_embeddings is not None:
+    params['params']['embedding']['embedding'] = jnp.asarray(frozen_embeddings)
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: 'frozen' if 'embedding' in (getattr(k, 'key', None) for k in path)
+        else 'trained', params)
+    optimizer = optax.multi_transform({'trained': optimizer, 'frozen': optax.set_to_zero()},
+                                      labels)
   opt_state = optimizer.init(params)
 
   @jax.jit
@@ -335,16 +414,25 @@ def train_recurrent_classifier(train_sentences: Sequence[Sequence[str]], train_l
       log(f'epoch {epoch}: loss {history[-1]["loss"]:.4f}, dev accuracy {dev_accuracy:.4f}')
     if dev_accuracy > best_accuracy:
       best_params, best_accuracy = jax.tree_util.tree_map(jnp.array, params), dev_accuracy
-  return TrainedRecurrent(model, best_params, vocabulary, best_accuracy, history)
+  return TrainedRecurrent(model, best_params, vocabulary, best_accuracy, history, tokenizer)
 
 
 def save_recurrent(path: str | os.PathLike, trained: TrainedRecurrent,
                    extra_metadata: dict | None = None) -> Path:
-  """Writes the parameters, config, vocabulary and history to the checkpoint folder ``path``."""
+  """Writes the parameters, config, tokenisation and history to the checkpoint folder ``path``.
+
+  A word-piece model's tokenizer is saved in ``path/tokenizer``, so the
+  folder stands alone.
+  """
   metadata = dict(kind=MODEL_KIND, config=dataclasses.asdict(trained.model.config),
-                  vocabulary=list(trained.vocabulary.words), dev_accuracy=trained.dev_accuracy,
-                  history=trained.history, **(extra_metadata or {}))
-  return checkpoint.save(path, trained.params, metadata)
+                  vocabulary=None if trained.vocabulary is None else list(trained.vocabulary.words),
+                  tokens='words' if trained.tokenizer is None else 'word pieces',
+                  dev_accuracy=trained.dev_accuracy, history=trained.history,
+                  **(extra_metadata or {}))
+  path = checkpoint.save(path, trained.params, metadata)
+  if trained.tokenizer is not None:
+    trained.tokenizer.save_pretrained(str(path / TOKENIZER_FOLDER))
+  return path
 
 
 def load_recurrent(path: str | os.PathLike) -> tuple[TrainedRecurrent, dict]:
@@ -359,6 +447,14 @@ def load_recurrent(path: str | os.PathLike) -> tuple[TrainedRecurrent, dict]:
   model = RecurrentModel(RecurrentConfig(**metadata['config']))
   target = model.init(jax.random.key(0))
   params = checkpoint.restore(path, target)
-  vocabulary = Vocabulary.from_words(metadata['vocabulary'])
+  if metadata.get('tokens', 'words') == 'words':
+    vocabulary, tokenizer = Vocabulary.from_words(metadata['vocabulary']), None
+  else:
+    folder = Path(path).absolute() / TOKENIZER_FOLDER
+    if not folder.is_dir():
+      raise checkpoint.CheckpointError(f'{path}: a word-piece classifier without its tokenizer '
+                                       f'({folder} is missing)')
+    import transformers  # pylint: disable=import-outside-toplevel
+    vocabulary, tokenizer = None, transformers.AutoTokenizer.from_pretrained(str(folder))
   return TrainedRecurrent(model, params, vocabulary, metadata['dev_accuracy'],
-                          metadata['history']), metadata
+                          metadata['history'], tokenizer), metadata

@@ -64,6 +64,7 @@ from dmx.baselines.per_example import per_example_diffmask, per_example_reinforc
 from dmx.data import sst
 from dmx.models import recurrent
 from dmx.models.base import MaskableModel
+from dmx.models.hf_import import load_pretrained
 from dmx.pipelines import compare_sst, finetune
 
 METHODS = ('reinforce', 'diffmask')
@@ -103,6 +104,11 @@ class ErasureComparisonConfig:
       problem both methods solve (argmax kept and KL within ``margin``).
     model_seed, model_epochs, embedding_dim, hidden_dim, cell: the recurrent
       classifier (trained on SST train, the best dev epoch kept).
+    pretrained_embeddings: a BERT-family model (folder, hub id or
+      ``'bundled-minilm'``) whose tokenizer and frozen word embeddings the
+      recurrent classifier reads instead of its own words: the original's
+      recurrent SST model, a unidirectional GRU as wide as the embeddings
+      (``embedding_dim`` and ``hidden_dim`` are then ignored). ``None``: words.
   """
   split: str = 'dev'
   max_tokens: int = 25
@@ -126,6 +132,7 @@ class ErasureComparisonConfig:
   embedding_dim: int = 64
   hidden_dim: int = 64
   cell: str = 'gru'
+  pretrained_embeddings: str | None = None
 
   def __post_init__(self):
     if min(self.max_tokens, self.max_evaluations, self.erasure_group,
@@ -144,7 +151,8 @@ class ErasureComparisonConfig:
   def model_fingerprint(self) -> dict:
     """What the cached classifier depends on."""
     return dict(model_seed=self.model_seed, model_epochs=self.model_epochs,
-                embedding_dim=self.embedding_dim, hidden_dim=self.hidden_dim, cell=self.cell)
+                embedding_dim=self.embedding_dim, hidden_dim=self.hidden_dim, cell=self.cell,
+                pretrained_embeddings=self.pretrained_embeddings)
 
   def method_options(self) -> dict:
     return dict(steps=self.steps, margin=self.margin, learning_rate=self.learning_rate,
@@ -265,14 +273,20 @@ def load_or_train_model(config: ErasureComparisonConfig, out_dir: Path,
   else:
     train_examples = sst.load_sst('train', data_dir)
     dev_examples = sst.load_sst('dev', data_dir)
+    overrides = dict(embedding_dim=config.embedding_dim, hidden_dim=config.hidden_dim,
+                     cell=config.cell)
+    tokenizer = frozen_embeddings = None
+    if config.pretrained_embeddings is not None:
+      tokenizer, frozen_embeddings = pretrained_word_embeddings(config.pretrained_embeddings)
+      # the original's recurrent model: one direction, as wide as the embeddings
+      overrides.update(hidden_dim=frozen_embeddings.shape[1], bidirectional=False)
     log(f'training the recurrent classifier on {len(train_examples)} SST train sentences')
     started = time.monotonic()
     trained = recurrent.train_recurrent_classifier(
         [e.words for e in train_examples], [e.label for e in train_examples],
         [e.words for e in dev_examples], [e.label for e in dev_examples],
-        config_overrides=dict(embedding_dim=config.embedding_dim, hidden_dim=config.hidden_dim,
-                              cell=config.cell),
-        seed=config.model_seed, epochs=config.model_epochs, progress=progress)
+        config_overrides=overrides, seed=config.model_seed, epochs=config.model_epochs,
+        progress=progress, tokenizer=tokenizer, frozen_embeddings=frozen_embeddings)
     seconds = time.monotonic() - started
     recurrent.save_recurrent(cached, trained, dict(fingerprint=config.model_fingerprint(),
                                                    train_seconds=seconds))
@@ -281,19 +295,28 @@ def load_or_train_model(config: ErasureComparisonConfig, out_dir: Path,
   model_config = trained.model.config
   summary = dict(
       source=source, config=dataclasses.asdict(model_config), dev_accuracy=trained.dev_accuracy,
-      vocabulary_size=len(trained.vocabulary), history=trained.history,
+      vocabulary_size=model_config.vocab_size, history=trained.history,
       train_seconds=metadata.get('train_seconds'),
       description=(f'recurrent ({model_config.cell.upper()}, '
                    f'{"bidirectional" if model_config.bidirectional else "unidirectional"}, '
                    f'embedding {model_config.embedding_dim}, hidden {model_config.hidden_dim}, '
-                   f'vocabulary {len(trained.vocabulary)})'))
-
-  def encode(examples):
-    return recurrent.encode_words([example.words for example in examples], trained.vocabulary)
-
+                   + (f'vocabulary {model_config.vocab_size} words)' if trained.tokenizer is None
+                      else f'frozen pretrained embeddings of {model_config.vocab_size} word '
+                           'pieces)')))
+  words = lambda examples: [example.words for example in examples]
   return ErasureClassifier(trained.model, trained.params,
-                           lambda examples: np.array([len(e.words) for e in examples]),
-                           encode, 'word', summary)
+                           lambda examples: trained.token_counts(words(examples)),
+                           lambda examples: trained.encode(words(examples)),
+                           'word' if trained.tokenizer is None else 'word piece', summary)
+
+
+def pretrained_word_embeddings(model: str) -> tuple[object, np.ndarray]:
+  """``(tokenizer, word embeddings (vocab, width))`` of a BERT-family model (or ``'bundled-minilm'``)."""
+  folder = finetune.resolve_model(model)
+  _, params, tokenizer = load_pretrained(folder, head=None)
+  if tokenizer is None:
+    raise ValueError(f'{model}: the folder has no tokenizer, so its embeddings cannot be read')
+  return tokenizer, np.asarray(params['embeddings']['word_embeddings']['embedding'])
 
 
 def exact_erasure(classifier: ErasureClassifier, batch: dict, config: ErasureComparisonConfig,
@@ -580,6 +603,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--samples', type=int, default=defaults.samples,
                       help='gate samples per example and step')
   parser.add_argument('--model-epochs', type=int, default=defaults.model_epochs)
+  parser.add_argument('--pretrained-embeddings', default=None, metavar='MODEL',
+                      help='train the recurrent classifier as the original did: a '
+                      'unidirectional GRU over the frozen word-piece embeddings of MODEL (a '
+                      'BERT-family folder, a hub id or bundled-minilm)')
   parser.add_argument('--no-own-objective', action='store_true',
                       help='skip the comparison with the exact optimum of the KL-constrained problem')
   parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
@@ -597,6 +624,8 @@ def command_line(args: argparse.Namespace) -> str:
             f'--seeds {" ".join(map(str, args.seeds))}', f'--steps {args.steps}',
             f'--margin {args.margin}', f'--learning-rate {args.learning_rate}',
             f'--samples {args.samples}', f'--model-epochs {args.model_epochs}']
+  if args.pretrained_embeddings is not None:
+    parts.append(f'--pretrained-embeddings {args.pretrained_embeddings}')
   if args.no_own_objective:
     parts.append('--no-own-objective')
   return ' '.join(parts)
@@ -606,12 +635,16 @@ def config_from_args(args: argparse.Namespace) -> ErasureComparisonConfig:
   """The :class:`ErasureComparisonConfig` of ``args`` (ValueError for bad values)."""
   if args.sentences is not None and args.sentences < 0:
     raise ValueError(f'--sentences must be >= 0, got {args.sentences}')
+  if args.model is not None and args.pretrained_embeddings is not None:
+    raise ValueError('--pretrained-embeddings says how to train a new classifier; --model '
+                     'names a trained one: give one of them')
   return ErasureComparisonConfig(
       split=args.split, max_tokens=args.max_tokens,
       num_sentences=None if not args.sentences else args.sentences,
       max_evaluations=args.max_evaluations, seeds=tuple(args.seeds), steps=args.steps,
       margin=args.margin, learning_rate=args.learning_rate, samples=args.samples,
-      model_epochs=args.model_epochs, own_objective=not args.no_own_objective)
+      model_epochs=args.model_epochs, own_objective=not args.no_own_objective,
+      pretrained_embeddings=args.pretrained_embeddings)
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
