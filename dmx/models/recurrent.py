@@ -176,6 +176,14 @@ def encode_pieces(sentences: Sequence[Sequence[str]], tokenizer, length: int | N
   return {'input_ids': input_ids, 'mask': mask}
 
 
+def encode_sentences(sentences: Sequence[Sequence[str]], vocabulary: Vocabulary | None,
+                     tokenizer, length: int | None = None) -> dict:
+  """:func:`encode_pieces` with ``tokenizer`` when it is given, else :func:`encode_words`."""
+  if tokenizer is not None:
+    return encode_pieces(sentences, tokenizer, length)
+  return encode_words(sentences, vocabulary, length)
+
+
 def _cell(config: RecurrentConfig):
   if config.cell == 'gru':
     return nn.GRUCell(features=config.hidden_dim)
@@ -284,10 +292,8 @@ class TrainedRecurrent(NamedTuple):
   tokenizer: object = None
 
   def encode(self, sentences: Sequence[Sequence[str]], length: int | None = None) -> dict:
-    """The model's batch for sentences given as words (:func:`encode_words` or :func:`encode_pieces`)."""
-    if self.tokenizer is not None:
-      return encode_pieces(sentences, self.tokenizer, length)
-    return encode_words(sentences, self.vocabulary, length)
+    """The model's batch for sentences given as words (see :func:`encode_sentences`)."""
+    return encode_sentences(sentences, self.vocabulary, self.tokenizer, length)
 
   def token_counts(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
     """``(N,)`` tokens per sentence, the rows of its ``h0``."""
@@ -363,9 +369,8 @@ def train_recurrent_classifier(train_sentences: Sequence[Sequence[str]], train_l
     overrides['embedding_dim'] = frozen_embeddings.shape[1]
   config = RecurrentConfig(vocab_size=vocab_size, **overrides)
   model = RecurrentModel(config)
-  untrained = TrainedRecurrent(model, None, vocabulary, 0.0, [], tokenizer)
-  train = untrained.encode(train_sentences)
-  dev = untrained.encode(dev_sentences)
+  train = encode_sentences(train_sentences, vocabulary, tokenizer)
+  dev = encode_sentences(dev_sentences, vocabulary, tokenizer)
   train_labels = np.asarray(train_labels, np.int32)
   dev_labels = np.asarray(dev_labels, np.int32)
   if train_labels.min() < 0 or train_labels.max() >= config.num_classes:
