@@ -10,10 +10,11 @@ calls, the median times the layer count, and the ratio PyTorch / dmx of the
 medians (above 1: dmx faster).
 
 ``--stack`` also times what the layer stack adds: the whole input-gate masked
-pass with its backward pass to the gates (dmx only), three ways over the same
+pass with its backward pass to the gates (dmx only), four ways over the same
 layers: ``BertModel.forward_from`` at depth 0 as the train step runs it (a
-``lax.scan`` whose steps sit behind a ``lax.cond``), a plain ``lax.scan``, and
-a Python loop (unrolled).
+``lax.scan`` whose steps sit behind a ``lax.cond``), a plain ``lax.scan``, a
+Python loop (unrolled), and a plain scan whose layers are rematerialised in
+the backward pass (``jax.checkpoint``: more FLOPs, fewer saved activations).
 
     python benchmarks/bench_layer.py --size base --batch 32 --seq 64 [--stack]
 """
@@ -111,7 +112,7 @@ def main() -> int:
 
 
 def time_stack(model: BertModel, args: argparse.Namespace) -> None:
-  """Prints the masked input pass + backward through forward_from, a plain scan and a loop."""
+  """Prints the masked input pass + backward: forward_from, a plain scan, a loop, a remat scan."""
   config = model.config
   params = model.init(jax.random.key(0), args.seq)
   batch = {'input_ids': jax.random.randint(jax.random.key(3), (args.batch, args.seq), 1000, 2000),
@@ -123,6 +124,10 @@ def time_stack(model: BertModel, args: argparse.Namespace) -> None:
 
   def layers_scan(params, hidden):
     step = lambda hidden, layer: (model._run_layer(layer, hidden, bias), None)  # pylint: disable=protected-access
+    return jax.lax.scan(step, hidden, params['layers'])[0]
+
+  def layers_remat(params, hidden):
+    step = jax.checkpoint(lambda hidden, layer: (model._run_layer(layer, hidden, bias), None))  # pylint: disable=protected-access
     return jax.lax.scan(step, hidden, params['layers'])[0]
 
   def layers_loop(params, hidden):
@@ -143,13 +148,14 @@ def time_stack(model: BertModel, args: argparse.Namespace) -> None:
   gates = jnp.full((args.batch, args.seq), 0.7)  # strictly inside (0, 1): both paths live
   calls = {name: jax.jit(jax.grad(lambda g, p, stack=stack: jnp.sum(logits(g, p, stack) * cotangent)))
            for name, stack in (('forward_from (scan + cond)', None), ('plain scan', layers_scan),
-                               ('unrolled loop', layers_loop))}
+                               ('unrolled loop', layers_loop),
+                               ('scan, layers rematerialised', layers_remat))}
   gradients = {name: np.asarray(call(gates, params)) for name, call in calls.items()}
   reference = gradients['forward_from (scan + cond)']
-  # the three are one computation: a timing of a different one would mean nothing
+  # the four are one computation: a timing of a different one would mean nothing
   differences = {name: float(np.abs(value - reference).max()) for name, value in gradients.items()}
   if max(differences.values()) > 1e-4 * max(float(np.abs(reference).max()), 1.0):
-    raise SystemExit(f'the three masked passes disagree: max |difference| {differences}')
+    raise SystemExit(f'the masked passes disagree: max |difference| {differences}')
   seconds = {name: [] for name in calls}
   for _ in range(args.repeats):
     for name, call in calls.items():
