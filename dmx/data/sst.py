@@ -346,13 +346,18 @@ class SstFeatures:
     return {'input_ids': self.input_ids, 'mask': self.mask, 'token_type_ids': self.token_type_ids}
 
 
+def word_piece_ids(sentences: Sequence[Sequence[str]], tokenizer) -> list[list[int]]:
+  """The ids of ``[CLS] pieces [SEP]`` of each sentence given as words (pre-split, untruncated)."""
+  if not sentences:
+    return []
+  return tokenizer([list(words) for words in sentences], is_split_into_words=True,
+                   add_special_tokens=True, truncation=False)['input_ids']
+
+
 def token_lengths(examples: Sequence[SstExample], tokenizer) -> np.ndarray:
   """``(N,)`` int32, the number of tokens of each sentence, special tokens included."""
-  if not examples:
-    return np.zeros((0,), np.int32)
-  encoded = tokenizer([list(example.words) for example in examples], is_split_into_words=True,
-                      add_special_tokens=True, truncation=False)
-  return np.array([len(ids) for ids in encoded['input_ids']], np.int32)
+  return np.array([len(ids) for ids in word_piece_ids([e.words for e in examples], tokenizer)],
+                  np.int32).reshape(-1)
 
 
 def check_fits(examples: Sequence[SstExample], tokenizer, max_length: int = 84) -> np.ndarray:

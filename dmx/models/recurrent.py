@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from dmx import checkpoint
 from dmx.data.common import batch_indices
+from dmx.data.sst import word_piece_ids
 
 PAD, UNK = '<pad>', '<unk>'
 PAD_ID, UNK_ID = 0, 1
@@ -149,11 +150,6 @@ def encode_words(sentences: Sequence[Sequence[str]], vocabulary: Vocabulary,
   return {'input_ids': input_ids, 'mask': mask}
 
 
-def _piece_ids(sentences: Sequence[Sequence[str]], tokenizer) -> list[list[int]]:
-  return tokenizer([list(words) for words in sentences], is_split_into_words=True,
-                   add_special_tokens=True, truncation=False)['input_ids']
-
-
 def encode_pieces(sentences: Sequence[Sequence[str]], tokenizer, length: int | None = None
                   ) -> dict:
   """The batch of a word-piece model: ``input_ids`` ``[CLS] pieces [SEP]`` ``(N, S)`` and ``mask``.
@@ -163,7 +159,7 @@ def encode_pieces(sentences: Sequence[Sequence[str]], tokenizer, length: int | N
   """
   if any(len(words) == 0 for words in sentences):
     raise ValueError('a sentence has no words')
-  pieces = _piece_ids(sentences, tokenizer)
+  pieces = word_piece_ids(sentences, tokenizer)
   lengths = [len(ids) for ids in pieces]
   longest = max(lengths, default=1)
   length = longest if length is None else length
@@ -298,7 +294,7 @@ class TrainedRecurrent(NamedTuple):
   def token_counts(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
     """``(N,)`` tokens per sentence, the rows of its ``h0``."""
     if self.tokenizer is not None:
-      return np.array([len(ids) for ids in _piece_ids(sentences, self.tokenizer)])
+      return np.array([len(ids) for ids in word_piece_ids(sentences, self.tokenizer)])
     return np.array([len(words) for words in sentences])
 
 
@@ -377,23 +373,28 @@ def train_recurrent_classifier(train_sentences: Sequence[Sequence[str]], train_l
     raise ValueError(f'labels must lie in [0, {config.num_classes})')
   key = jax.random.key(seed)
   params = model.init(key)
-  optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
+  table = None
   if frozen_embeddings is not None:
-    params['params']['embedding']['embedding'] = jnp.asarray(frozen_embeddings)
-    labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: 'frozen' if 'embedding' in (getattr(k, 'key', None) for k in path)
-        else 'trained', params)
-    optimizer = optax.multi_transform({'trained': optimizer, 'frozen': optax.set_to_zero()},
-                                      labels)
+    # the frozen table is an argument of the step, not a trained parameter: no
+    # gradient is formed for its rows and the optimiser never holds it
+    table = jnp.asarray(frozen_embeddings)
+    del params['params']['embedding']
+  optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
   opt_state = optimizer.init(params)
 
+  def with_table(trainable, table):
+    if table is None:
+      return trainable
+    return {'params': {**trainable['params'], 'embedding': {'embedding': table}}}
+
   @jax.jit
-  def train_step(params, opt_state, batch, labels, key):
+  def train_step(params, opt_state, batch, labels, key, table):
     def loss_fn(params):
-      _, states = model.forward(params, batch)
+      full = with_table(params, table)
+      _, states = model.forward(full, batch)
       keep = jax.random.bernoulli(key, 1.0 - embedding_dropout, states[0].shape)
       dropped = lambda index, h0: jnp.where(keep, h0 / (1.0 - embedding_dropout), 0.0)
-      logits = model.forward_from(params, batch, states, 0, dropped)
+      logits = model.forward_from(full, batch, states, 0, dropped)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -401,7 +402,7 @@ def train_recurrent_classifier(train_sentences: Sequence[Sequence[str]], train_l
 
   predict = make_predictor(model)
   rng = np.random.default_rng(seed)
-  best_params, best_accuracy, history = params, -1.0, []
+  best_params, best_accuracy, history = with_table(params, table), -1.0, []
   bar = tqdm(range(epochs), desc='recurrent classifier', unit='epoch', disable=not progress)
   for epoch in bar:
     losses = []
@@ -409,16 +410,17 @@ def train_recurrent_classifier(train_sentences: Sequence[Sequence[str]], train_l
       key, step_key = jax.random.split(key)
       batch = {name: value[indices] for name, value in train.items()}
       params, opt_state, loss = train_step(params, opt_state, batch, train_labels[indices],
-                                           step_key)
+                                           step_key, table)
       losses.append(loss)
-    dev_accuracy = accuracy(model, params, dev, dev_labels, predict=predict)
+    dev_accuracy = accuracy(model, with_table(params, table), dev, dev_labels, predict=predict)
     history.append(dict(epoch=epoch, loss=float(np.mean(jax.device_get(losses))),
                         dev_accuracy=dev_accuracy))
     bar.set_postfix(loss=f'{history[-1]["loss"]:.3f}', dev=f'{dev_accuracy:.3f}')
     if log is not None:
       log(f'epoch {epoch}: loss {history[-1]["loss"]:.4f}, dev accuracy {dev_accuracy:.4f}')
     if dev_accuracy > best_accuracy:
-      best_params, best_accuracy = jax.tree_util.tree_map(jnp.array, params), dev_accuracy
+      best_params = jax.tree_util.tree_map(jnp.array, with_table(params, table))
+      best_accuracy = dev_accuracy
   return TrainedRecurrent(model, best_params, vocabulary, best_accuracy, history, tokenizer)
 
 

@@ -238,9 +238,9 @@ def load_bert_classifier(model_dir: str | Path, data_dir) -> ErasureClassifier:
   dev = sst.encode_sst(sst.load_sst('dev', data_dir), frozen.tokenizer, limit)
   dev_scores = finetune.evaluate(finetune.make_predict(frozen.model), frozen.params, dev)
 
-  def encode(examples):
+  def encode(examples):  # padded to the longest sentence, so nothing is truncated
     longest = int(sst.token_lengths(examples, frozen.tokenizer).max())
-    return sst.encode_sst(examples, frozen.tokenizer, longest, strict=True).as_batch()
+    return sst.encode_sst(examples, frozen.tokenizer, longest).as_batch()
 
   summary = dict(
       source=str(model_dir), dev_accuracy=dev_scores['accuracy'],

@@ -368,12 +368,8 @@ def _compare_on_sst(config: RelaxationComparisonConfig, out_dir: Path, progress:
     result = diffmask_text.run_evaluation(evaluator, trained.state.probe_params, eval_features,
                                           sst.eval_batch_size)
     scores = diffmask_text.sst_scores(result, eval_features, sst.gate, dm_config.layers)
-    real = eval_features.mask.astype(bool)
-    depths = ([num_states - 1] if sst.gate == 'input' else
-              list(range(num_states)) if dm_config.layers is None else list(dm_config.layers))
     scores = dict(sparsity=scores['masked_fraction'], agreement=scores['agreement'],
-                  num_examples=len(eval_features),
-                  keep_probability=float(np.mean(result['keep_prob'][depths][..., real])),
+                  num_examples=len(eval_features), keep_probability=scores['mean_keep_prob'],
                   per_layer=scores['per_layer'])
     rows[name], details[name], line = _row_and_details(
         name, dm_config, trained.state, variance(trained.state, variance_key), at_init, layer,
@@ -523,6 +519,11 @@ SST_FLAGS = ('--data', '--margin', '--batch-size', '--max-length', '--warmup-ste
              '--max-train-examples', '--max-eval-examples', '--variance-layer', '--layer')
 
 
+def _attribute(flag: str) -> str:
+  """The argparse attribute of an option: ``--max-length`` -> ``max_length``."""
+  return flag[2:].replace('-', '_')
+
+
 def parse_overrides(values: Sequence[str]) -> tuple:
   """``['name.field=value', ...]`` as :attr:`RelaxationComparisonConfig.overrides`."""
   grouped: dict[str, dict] = {}
@@ -548,7 +549,7 @@ def command_line(args: argparse.Namespace) -> str:
     if value is not None:
       parts.append(f'{flag} {value}')
   for flag in SST_FLAGS:
-    value = getattr(args, flag[2:].replace('-', '_'))
+    value = getattr(args, _attribute(flag))
     if value is not None:
       parts.append(f'{flag} {value}')
   if args.tiny:
@@ -565,13 +566,13 @@ def command_line(args: argparse.Namespace) -> str:
 
 def config_from_args(args: argparse.Namespace) -> RelaxationComparisonConfig:
   """The comparison ``args`` describe; one-line ``ValueError`` for nonsense."""
-  sst_options = {flag: getattr(args, flag[2:].replace('-', '_')) for flag in SST_FLAGS}
+  sst_options = {flag: getattr(args, _attribute(flag)) for flag in SST_FLAGS}
   if args.comparison_task == 'sst':
     if args.model is None:
       raise ValueError('--task sst needs --model, the folder of a fine-tuned SST-5 classifier')
     if args.tiny:
       raise ValueError('--tiny is for the toy task')
-    fields = {flag[2:].replace('-', '_'): value for flag, value in sst_options.items()
+    fields = {_attribute(flag): value for flag, value in sst_options.items()
               if value is not None and flag not in ('--data', '--variance-layer', '--layer')}
     sst = diffmask_text.TextDiffMaskConfig(
         task='sst', model=args.model, gate=args.gate, data_dir=args.data,

@@ -409,7 +409,7 @@ def sst_scores(result: dict, features: sst_data.SstFeatures, gate: str,
   pick = lambda name: _at_summary([layer[name] for layer in summarised], gate)
   return dict(masked_fraction=pick('masked_fraction'), agreement=pick('agreement'),
               macro_f1_original=metrics.macro_f1(labels, original, sst_data.NUM_CLASSES),
-              macro_f1_masked=pick('macro_f1_masked'),
+              macro_f1_masked=pick('macro_f1_masked'), mean_keep_prob=pick('mean_keep_prob'),
               accuracy_original=float(np.mean(original == labels)),
               per_layer=per_layer)
 

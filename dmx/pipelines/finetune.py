@@ -13,9 +13,10 @@ Outputs under ``out_dir``:
   the best dev params so far), saved atomically every ``checkpoint_every``
   steps. A rerun with the same settings resumes from it; with other settings
   it raises :class:`CheckpointMismatchError` rather than starting afresh.
-* ``model/``: the best-dev model (or, with ``select='last'``, the final one) as a Hugging Face folder (``config.json`` with
-  ``BertForSequenceClassification``, ``model.safetensors``, tokenizer files)
-  that ``load_pretrained(out_dir / 'model', head='classification')`` reads.
+* ``model/``: the best-dev model (with ``select='last'``, the final one) as a
+  Hugging Face folder (``config.json`` with ``BertForSequenceClassification``,
+  ``model.safetensors``, tokenizer files) that
+  ``load_pretrained(out_dir / 'model', head='classification')`` reads.
 * ``report.json``: dev accuracy and macro-F1, steps, seconds, per-eval history,
   truncation counts, and the machine.
 
