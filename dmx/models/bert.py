@@ -15,9 +15,10 @@ States, ``L + 2`` of them, all ``(batch, seq, hidden)``:
 
 :class:`BertModel` implements :class:`dmx.models.base.MaskableModel`. Its
 ``forward_from`` resumes at a state index that may be traced: the layers sit
-stacked along a leading axis and one ``lax.scan`` runs them, each step behind a
+stacked along a leading axis, and an unrolled loop runs them, each behind a
 ``lax.cond`` that skips layers below the injection point, so one compiled
-program serves every depth and stays reverse-differentiable.
+program serves every depth and stays reverse-differentiable. A static index
+(the input gate's 0) runs only the layers above it, without conds.
 
 Attention, for attention-based explanations (:mod:`dmx.baselines.attention`),
 has entry points of its own, so ``forward`` and ``forward_from`` stay as they
@@ -435,13 +436,10 @@ class BertModel:
     bias = attention_bias(mask)
     word_embedded, embedded = self._embed(params, input_ids, token_type_ids)
 
-    def step(hidden, layer_params):
-      hidden = self._run_layer(layer_params, hidden, bias)
-      return hidden, hidden
-
-    final, layer_outputs = jax.lax.scan(step, embedded, params['layers'])  # (L, b, s, h)
-    states = (word_embedded, embedded) + tuple(layer_outputs)  # (L, b, s, h) -> L states
-    return self._outputs(params, final, mask), states
+    states = [word_embedded, embedded]
+    for layer in range(self.config.num_layers):  # unrolled: see forward_from
+      states.append(self._run_layer(_layer_rows(params['layers'], layer), states[-1], bias))
+    return self._outputs(params, states[-1], mask), tuple(states)
 
   def forward_from(self, params: Params, batch: dict, states: tuple[jax.Array, ...],
                    layer_index, intervention: Intervention) -> jax.Array:
@@ -461,25 +459,33 @@ class BertModel:
     recombine = lambda word_embedded: self.embeddings.apply(
         embedding_params, word_embedded, input_ids, token_type_ids, method=Embeddings.combine)
 
-    if isinstance(layer_index, (int, np.integer)) and not 0 <= layer_index < self.config.num_states:
-      raise ValueError(f'layer_index must be in [0, {self.config.num_states}), got {layer_index}')
-    # one path for Python ints and traced indices: the scan skips layers below the injection
-    # point with lax.cond, so a static index costs no more than a sliced scan would
+    if isinstance(layer_index, (int, np.integer)):
+      if not 0 <= layer_index < self.config.num_states:
+        raise ValueError(f'layer_index must be in [0, {self.config.num_states}), got {layer_index}')
+      # a static depth (the input gate's 0): only the layers above it, unrolled, with no cond
+      first = int(layer_index)
+      replaced = intervention(jnp.asarray(first, jnp.int32), states[first])
+      hidden = (recombine(replaced) if first == 0
+                else replaced.astype(self.config.compute_dtype))
+      for layer in range(max(first, 1), self.config.num_layers + 1):
+        hidden = self._run_layer(_layer_rows(params['layers'], layer - 1), hidden, bias)
+      return self._outputs(params, hidden, mask)
+
+    # a traced depth: one program serves every depth, each layer behind a lax.cond that
+    # skips it below the injection point. The loop is unrolled in Python rather than a
+    # lax.scan: on CPU the scan costs about 10% more than the layers it runs
+    # (benchmarks/bench_layer.py --stack).
     layer_index = jnp.asarray(layer_index, jnp.int32)
     replaced = intervention(layer_index, jnp.stack(states)[layer_index])
     hidden = jax.lax.cond(layer_index == 0, recombine,
                           lambda state: state.astype(self.config.compute_dtype), replaced)
-
-    def step(hidden, layer):
-      layer_number, layer_params = layer
-      # layer k maps h_k to h_{k+1}: layers below the injection point pass the carry through
-      hidden = jax.lax.cond(layer_number >= layer_index,
-                            lambda h: self._run_layer(layer_params, h, bias), lambda h: h, hidden)
-      return hidden, None
-
-    layer_numbers = jnp.arange(1, self.config.num_layers + 1, dtype=jnp.int32)
-    final, _ = jax.lax.scan(step, hidden, (layer_numbers, params['layers']))
-    return self._outputs(params, final, mask)
+    for layer in range(1, self.config.num_layers + 1):
+      layer_params = _layer_rows(params['layers'], layer - 1)
+      # layer k maps h_k to h_{k+1}: layers below the injection point pass the state through
+      hidden = jax.lax.cond(layer >= layer_index,
+                            lambda h, p=layer_params: self._run_layer(p, h, bias),
+                            lambda h: h, hidden)
+    return self._outputs(params, hidden, mask)
 
   # -- attention: read every layer's probabilities, edit one layer's, mask heads -----------------
   # Separate entry points, so forward and forward_from stay exactly as they were.
