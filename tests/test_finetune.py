@@ -77,6 +77,8 @@ def _restore(out, config):
     (dict(time_budget_minutes=0), 'time_budget_minutes'),
     (dict(dtype='float16'), 'dtype'),
     (dict(select='first'), 'select'),
+    (dict(label_smoothing=1.0), 'label_smoothing'),
+    (dict(label_smoothing=-0.1), 'label_smoothing'),
     (dict(model=''), 'model'),
 ])
 def test_bad_config_values_raise_one_line(overrides, message):
@@ -102,6 +104,36 @@ def test_train_step_overfits_a_fixed_batch(tiny_model_folder, minilm_tokenizer, 
     losses.append(float(outputs['loss']))
   assert int(state['step']) == 20
   assert losses[-1] < 0.6 * losses[0], losses
+
+
+@pytest.mark.parametrize('label_smoothing', [0.0, 0.2])
+def test_train_step_loss_is_the_smoothed_cross_entropy(tiny_model_folder, minilm_tokenizer,
+                                                       data_dir, label_smoothing):
+  """The first step's loss against numpy float64: -sum_c target_c log softmax(logits)_c."""
+  with pytest.warns(UserWarning, match='randomly initialised'):
+    model, params, _ = load_pretrained(tiny_model_folder, head='classification', num_labels=5,
+                                       with_tokenizer=False)
+  features = sst.encode_sst(sst.load_sst('train', data_dir)[:8], minilm_tokenizer, 32)
+  batch = finetune.trim_batch(features.as_batch(), 16)
+  logits = np.asarray(jax.jit(model.forward)(params, batch)[0], np.float64)  # (8, 5)
+  log_probs = logits - logits.max(-1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  targets = np.full(logits.shape, label_smoothing / 5)
+  targets[np.arange(8), features.labels] += 1 - label_smoothing
+  expected = float(np.mean(-(targets * log_probs).sum(-1)))
+  config = _config(tiny_model_folder, data_dir, label_smoothing=label_smoothing)
+  optimizer = finetune.make_optimizer(config, 4)
+  train_step = finetune.make_train_step(model, optimizer, config.label_smoothing)
+  _, outputs = train_step(finetune.init_state(params, optimizer), batch, features.labels)
+  np.testing.assert_allclose(float(outputs['loss']), expected, rtol=1e-5)
+
+
+def test_label_smoothing_enters_the_fingerprint_only_when_used():
+  """Checkpoints written before the option existed still resume without it."""
+  assert 'label_smoothing' not in finetune.FinetuneConfig().fingerprint()
+  smoothed = finetune.FinetuneConfig(label_smoothing=0.1).fingerprint()
+  assert smoothed['label_smoothing'] == 0.1
+  assert smoothed != finetune.FinetuneConfig().fingerprint()
 
 
 def test_run_writes_a_model_folder_that_round_trips(uninterrupted, tiny_model_folder, data_dir):
@@ -203,9 +235,11 @@ def _parse(argv):
 def test_cli_arguments_build_the_config(tiny_model_folder, tmp_path):
   args = _parse(['--model', str(tiny_model_folder), '--out', str(tmp_path / 'run'),
                  '--epochs', '1.5', '--batch-size', '8', '--learning-rate', '2e-5',
-                 '--time-budget-minutes', '30', '--select', 'last', '--no-progress'])
+                 '--time-budget-minutes', '30', '--select', 'last', '--label-smoothing', '0.1',
+                 '--no-progress'])
   config = finetune.config_from_args(args)
   assert (config.epochs, config.batch_size, config.learning_rate) == (1.5, 8, 2e-5)
+  assert config.label_smoothing == 0.1
   assert config.select == 'last' and 'select' not in config.fingerprint()
   assert config.time_budget_minutes == 30 and args.no_progress
 

@@ -93,6 +93,10 @@ class FinetuneConfig:
       accuracy seen at an evaluation, the first on ties) or ``'last'`` (the
       final step's). The last ones of a longer run are usually the more
       confident classifier, which DiffMask's agreement benefits from.
+    label_smoothing: the cross-entropy target puts ``1 - label_smoothing`` on
+      the label plus an equal share of ``label_smoothing`` on every class. It
+      caps the confidence fine-tuning drives the training sentences to, so the
+      classifier is not far surer on train than on dev.
   """
   model: str = BUNDLED_MINILM
   data_dir: str | None = None
@@ -112,6 +116,7 @@ class FinetuneConfig:
   max_eval_examples: int | None = None
   length_bucket: int = 16
   select: str = 'best'
+  label_smoothing: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.model, str) or not self.model:
@@ -134,6 +139,8 @@ class FinetuneConfig:
       raise ValueError(f'max_steps must be >= 1 or None, got {self.max_steps!r}')
     if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
       raise ValueError(f'time_budget_minutes must be > 0 or None, got {self.time_budget_minutes}')
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f'label_smoothing must be in [0, 1), got {self.label_smoothing}')
     if self.select not in SELECTIONS:
       raise ValueError(f'select must be one of {SELECTIONS}, got {self.select!r}')
     if self.dtype not in DTYPES:
@@ -158,6 +165,8 @@ class FinetuneConfig:
       # where the data sits, when the run stops or saves, and which of its
       # parameters are exported change nothing in the training itself
       values.pop(name)
+    if values['label_smoothing'] == 0.0:
+      values.pop('label_smoothing')  # runs from before the option resume unchanged
     return values
 
 
@@ -196,17 +205,20 @@ def init_state(params: Params, optimizer: optax.GradientTransformation) -> dict:
   return {'params': params, 'opt_state': optimizer.init(params), 'step': jnp.zeros((), jnp.int32)}
 
 
-def make_train_step(model: BertModel, optimizer: optax.GradientTransformation) -> Callable:
+def make_train_step(model: BertModel, optimizer: optax.GradientTransformation,
+                    label_smoothing: float = 0.0) -> Callable:
   """A jitted ``train_step(state, batch, labels) -> (state, {'loss', 'accuracy'})``.
 
   ``batch`` holds ``input_ids``, ``mask``, ``token_type_ids``, each ``(B, S)``;
-  ``labels`` is ``(B,)`` int. The incoming ``state`` is donated.
+  ``labels`` is ``(B,)`` int. The incoming ``state`` is donated. The loss is
+  the cross-entropy against labels smoothed by ``label_smoothing``.
   """
 
   def train_step(state, batch, labels):
     def loss_fn(params):
       logits, _ = model.forward(params, batch)  # (B, num_labels)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
       return loss, logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
@@ -375,7 +387,7 @@ def run_finetune(config: FinetuneConfig, out_dir: str | os.PathLike, *, progress
     log(f'resuming from {checkpoint_dir} at step {resumed_from}')
   del params
 
-  train_step = make_train_step(model, optimizer)
+  train_step = make_train_step(model, optimizer, config.label_smoothing)
   predict = make_predict(model)
 
   def metadata_now(step_now: int) -> dict:
@@ -507,6 +519,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='which parameters model/ holds: the best dev accuracy seen (default) '
                       'or the last step\'s; a finished run rerun with the other choice only '
                       're-exports')
+  parser.add_argument('--label-smoothing', type=float, default=defaults.label_smoothing,
+                      help='smooth the cross-entropy targets by this much (default 0: none)')
   parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
 
 
@@ -532,7 +546,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
       batch_size=args.batch_size, learning_rate=args.learning_rate, epochs=args.epochs,
       max_steps=args.max_steps, eval_every=args.eval_every,
       checkpoint_every=args.checkpoint_every, seed=args.seed,
-      time_budget_minutes=args.time_budget_minutes, select=args.select)
+      time_budget_minutes=args.time_budget_minutes, select=args.select,
+      label_smoothing=args.label_smoothing)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
