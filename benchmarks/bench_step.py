@@ -4,7 +4,9 @@ For every size and gate it runs ``dmx bench step --impl jax`` and
 ``dmx bench step --impl torch`` (one process each, so peak memory is per
 implementation; same random-init model sizes, batch, sequence length and depth
 schedule, see :mod:`dmx.bench`), then ``dmx bench attribution`` per size
-(amortised DiffMask against integrated gradients). It prints a table of
+(amortised DiffMask against integrated gradients); with
+``--cached-clean-pass`` also dmx's step on a batch that carries its clean
+pass, as ``dmx diffmask`` trains on a fixed dataset. It prints a table of
 examples/s, the jax/torch ratio and peak memory (``MB``: the process peak, or
 the device peak on GPU; ``+MB``: on CPU, the peak above the resident set
 before the model was built, which leaves out the ~150 MB of JAX the PyTorch
@@ -47,10 +49,13 @@ def run_one(arguments: list[str]) -> dict:
   return result
 
 
-def step_arguments(impl: str, size: str, gate: str, args: argparse.Namespace) -> list[str]:
+def step_arguments(impl: str, size: str, gate: str, args: argparse.Namespace,
+                   cached: bool = False) -> list[str]:
   arguments = ['bench', 'step', '--impl', impl, '--size', size, '--batch', str(args.batch),
                '--seq', str(args.seq), '--gate', gate, '--warmup', str(args.warmup),
                '--dtype', args.dtype]
+  if cached:
+    arguments.append('--cached-clean-pass')
   if args.steps is not None:
     arguments += ['--steps', str(args.steps)]
   if impl == 'torch' and args.torch_threads is not None:
@@ -66,14 +71,18 @@ def attribution_arguments(size: str, args: argparse.Namespace) -> list[str]:
 
 
 def step_table(pairs: list[tuple[dict, dict]]) -> str:
-  """One row per (size, gate): examples/s of each implementation, ratio, peak memory."""
-  header = (f'{"size":<7}{"gate":<8}{"jax ex/s":>11}{"torch ex/s":>12}{"jax/torch":>11}'
+  """One row per (size, gate): examples/s of each implementation, ratio, peak memory.
+
+  A dmx result with a cached clean pass is labelled ``(cached)`` in the gate column.
+  """
+  header = (f'{"size":<7}{"gate":<17}{"jax ex/s":>11}{"torch ex/s":>12}{"jax/torch":>11}'
             f'{"jax MB":>10}{"torch MB":>10}{"jax +MB":>10}{"torch +MB":>11}')
   rows = [header, '-' * len(header)]
   increase = lambda result: result.get('peak_memory_increase_mb', float('nan'))
   for jax_result, torch_result in pairs:
     ratio = jax_result['examples_per_s'] / torch_result['examples_per_s']
-    rows.append(f'{jax_result["size"]:<7}{jax_result["gate"]:<8}'
+    gate = jax_result['gate'] + (' (cached)' if jax_result.get('clean_pass') == 'cached' else '')
+    rows.append(f'{jax_result["size"]:<7}{gate:<17}'
                 f'{jax_result["examples_per_s"]:>11.2f}{torch_result["examples_per_s"]:>12.2f}'
                 f'{ratio:>10.2f}x{jax_result["peak_memory_mb"]:>10.0f}'
                 f'{torch_result["peak_memory_mb"]:>10.0f}{increase(jax_result):>10.0f}'
@@ -111,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                       help='torch.set_num_threads (default: all cores)')
   parser.add_argument('--no-attribution', action='store_true',
                       help='skip the DiffMask-vs-integrated-gradients measurement')
+  parser.add_argument('--cached-clean-pass', action='store_true',
+                      help='also time dmx\'s step on a batch that carries its clean pass '
+                      '(computed once), paired with the same PyTorch run')
   parser.add_argument('--out', default='runs/bench_step.jsonl',
                       help='JSON lines are appended here')
   args = parser.parse_args(argv)
@@ -123,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
       pair = tuple(run_one(step_arguments(impl, size, gate, args)) for impl in ('jax', 'torch'))
       pairs.append(pair)
       results.extend(pair)
+      if args.cached_clean_pass:
+        cached = run_one(step_arguments('jax', size, gate, args, cached=True))
+        pairs.append((cached, pair[1]))
+        results.append(cached)
     if not args.no_attribution:
       attributions.append(run_one(attribution_arguments(size, args)))
       results.append(attributions[-1])

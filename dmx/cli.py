@@ -169,6 +169,9 @@ def _add_bench_parser(subparsers) -> None:
                     help='time this depth only (default: cycle through all depths)')
   step.add_argument('--threads', type=int, default=None,
                     help='torch.set_num_threads for --impl torch (default: all cores)')
+  step.add_argument('--cached-clean-pass', action='store_true',
+                    help='--impl jax: the batch carries its clean pass, computed once, as '
+                    'dmx diffmask trains when the training set\'s clean pass fits its cache')
   attribution = kinds.add_parser(
       'attribution', help='amortised DiffMask attribution vs integrated gradients',
       description='Examples/s of DiffMask attribution (one clean pass + probe: keep '
@@ -195,7 +198,8 @@ def _run_bench(args) -> int:
   try:
     if args.kind == 'step':
       result = bench.time_step(args.impl, args.size, args.batch, args.seq, args.gate, args.steps,
-                               args.warmup, args.dtype, args.layer, args.threads)
+                               args.warmup, args.dtype, args.layer, args.threads,
+                               args.cached_clean_pass)
     else:
       result = bench.time_attribution(
           args.size, args.batch, args.seq, args.ig_steps, ig_batch=args.ig_batch,

@@ -47,6 +47,32 @@ def test_bench_step_prints_one_json_line(impl, capsys):
   assert f'{impl}_version' in result and result['device']
 
 
+@pytest.mark.parametrize('gate', bench.GATES)
+def test_cached_clean_pass_step_takes_the_same_steps(gate, capsys, monkeypatch):
+  """A batch that carries its clean pass trains exactly as one that recomputes it,
+  and the cached step itself never runs the clean pass."""
+  losses, forward_calls = {}, []
+  original_forward = BertModel.forward
+
+  def counting_forward(self, params, batch):
+    forward_calls.append(1)
+    return original_forward(self, params, batch)
+
+  monkeypatch.setattr(BertModel, 'forward', counting_forward)
+  counts = {}
+  for flags in ([], ['--cached-clean-pass']):
+    forward_calls.clear()
+    assert cli.main(['bench', 'step', '--impl', 'jax', '--gate', gate, *TINY_STEP, *flags]) == 0
+    result = _json_line(capsys)
+    losses[result['clean_pass']] = result['mean_loss']
+    counts[result['clean_pass']] = len(forward_calls)
+  assert set(losses) == {'computed', 'cached'}
+  np.testing.assert_allclose(losses['cached'], losses['computed'], rtol=1e-5, atol=1e-6)
+  # both trace the forward pass once outside the step (probe init or the cache); only the
+  # computed step traces it again inside
+  assert counts == {'computed': 2, 'cached': 1}, counts
+
+
 def test_bench_attribution_prints_one_json_line(capsys):
   assert cli.main(['bench', 'attribution', '--size', 'tiny', '--batch', '2', '--seq', '8',
                    '--ig-steps', '4', '--repeats', '1']) == 0
@@ -63,6 +89,7 @@ def test_bench_attribution_prints_one_json_line(capsys):
     (['step', '--impl', 'jax', '--layer', '4'], 'layer'),
     (['step', '--impl', 'jax', '--threads', '2'], 'threads'),
     (['step', '--impl', 'torch', '--warmup', '-1'], 'warmup'),
+    (['step', '--impl', 'torch', '--cached-clean-pass'], 'cached clean pass'),
     (['attribution', '--ig-steps', '0'], 'ig_steps'),
     (['attribution', '--batch', '2', '--ig-batch', '3'], 'ig_batch'),
 ])
@@ -285,8 +312,10 @@ def test_benchmark_script_pairs_implementations_and_writes_json_lines(tmp_path, 
                   ig_examples_per_s=1.0, ratio=100.0, ig_steps=int(options['--ig-steps']),
                   device='cpu')
     speed = 30.0 if options['--impl'] == 'jax' else 20.0
+    cached = '--cached-clean-pass' in arguments
     return dict(impl=options['--impl'], size=options['--size'], gate=options['--gate'],
-                examples_per_s=speed, peak_memory_mb=500.0, device='cpu')
+                examples_per_s=40.0 if cached else speed, peak_memory_mb=500.0, device='cpu',
+                clean_pass='cached' if cached else 'computed')
 
   monkeypatch.setattr(script, 'run_one', fake_run)
   out = tmp_path / 'bench.jsonl'
@@ -302,6 +331,14 @@ def test_benchmark_script_pairs_implementations_and_writes_json_lines(tmp_path, 
   assert '1.50x' in printed and '100.0x' in printed
   lines = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(lines) == 5 and lines[-1]['kind'] == 'attribution'
+
+  calls.clear()
+  assert script.main(['--sizes', 'tiny', '--gates', 'hidden', '--cached-clean-pass',
+                      '--no-attribution', '--out', str(out)]) == 0
+  assert [call[3] for call in calls] == ['jax', 'torch', 'jax']
+  assert ['--cached-clean-pass' in call for call in calls] == [False, False, True]
+  rows = capsys.readouterr().out.splitlines()
+  assert any('hidden (cached)' in row and '2.00x' in row for row in rows), rows
 
 
 @pytest.mark.parametrize('part', bench.FORWARD_PARTS)
