@@ -509,16 +509,25 @@ class BertModel:
                        f'got {attention_layer}')
     return int(attention_layer)
 
-  def _scan_layers(self, layers_params: Params, hidden: jax.Array, bias: jax.Array,
-                   head_mask: jax.Array | None):
-    """Stacked layers in order: ``(final, (outputs (n, b, s, h), attention (n, b, h, q, k)))``."""
+  def _stacked_layers(self, layers_params: Params, hidden: jax.Array, bias: jax.Array,
+                      head_mask: jax.Array | None):
+    """Stacked layers in order: ``(final, (outputs (n, b, s, h), attention (n, b, h, q, k)))``.
 
-    def step(hidden, layer):
-      layer_params, head_scale = layer
-      hidden, weights = self.layer.apply({'params': layer_params}, hidden, bias, None, head_scale)
-      return hidden, (hidden, weights)
-
-    return jax.lax.scan(step, hidden, (layers_params, head_mask))
+    Unrolled like :meth:`forward`'s loop, so an unedited pass gives its numbers exactly.
+    """
+    count = jax.tree.leaves(layers_params)[0].shape[0]
+    outputs, attention = [], []
+    for layer in range(count):
+      hidden, weights = self.layer.apply(
+          {'params': _layer_rows(layers_params, layer)}, hidden, bias, None,
+          None if head_mask is None else head_mask[layer])
+      outputs.append(hidden)
+      attention.append(weights)
+    if not outputs:  # no layers (an edit of the first layer has none below it)
+      batch, seq = hidden.shape[:2]
+      return hidden, (jnp.zeros((0,) + hidden.shape, hidden.dtype),
+                      jnp.zeros((0, batch, self.config.num_heads, seq, seq), jnp.float32))
+    return hidden, (jnp.stack(outputs), jnp.stack(attention))
 
   def _layers_from(self, params: Params, hidden: jax.Array, bias: jax.Array, first: int,
                    head_mask: jax.Array | None, attention_edit: AttentionEdit | None):
@@ -530,7 +539,7 @@ class BertModel:
         {'params': _layer_rows(params['layers'], first)}, hidden, bias, attention_edit,
         None if head_mask is None else head_mask[first])
     rest = slice(first + 1, None)
-    final, (outputs, rest_weights) = self._scan_layers(
+    final, (outputs, rest_weights) = self._stacked_layers(
         _layer_rows(params['layers'], rest), hidden, bias,
         None if head_mask is None else head_mask[rest])
     return (final, jnp.concatenate([hidden[None], outputs]),
@@ -564,12 +573,12 @@ class BertModel:
     bias = attention_bias(mask)
     word_embedded, embedded = self._embed(params, input_ids, token_type_ids)
     if attention_edit is None:
-      final, (layer_outputs, attention) = self._scan_layers(params['layers'], embedded, bias,
-                                                            head_mask)
+      final, (layer_outputs, attention) = self._stacked_layers(params['layers'], embedded,
+                                                               bias, head_mask)
     else:
       first = self.check_attention_layer(attention_layer)
       below = slice(0, first)
-      hidden, (below_outputs, below_attention) = self._scan_layers(
+      hidden, (below_outputs, below_attention) = self._stacked_layers(
           _layer_rows(params['layers'], below), embedded, bias,
           None if head_mask is None else head_mask[below])
       final, above_outputs, above_attention = self._layers_from(params, hidden, bias, first,
