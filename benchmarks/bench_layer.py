@@ -11,10 +11,12 @@ medians (above 1: dmx faster).
 
 ``--stack`` also times what the layer stack adds: the whole input-gate masked
 pass with its backward pass to the gates (dmx only), four ways over the same
-layers: ``BertModel.forward_from`` at depth 0 as the train step runs it (a
-``lax.scan`` whose steps sit behind a ``lax.cond``), a plain ``lax.scan``, a
-Python loop (unrolled), and a plain scan whose layers are rematerialised in
-the backward pass (``jax.checkpoint``: more FLOPs, fewer saved activations).
+layers: ``BertModel.forward_from`` at the static depth 0, as the input-gate
+train step runs it (an unrolled loop, no conditionals), ``forward_from`` at
+the same depth given as an array, as the hidden-gate step runs every depth
+(each layer behind a ``lax.cond``), a plain ``lax.scan``, and a plain scan
+whose layers are rematerialised in the backward pass (``jax.checkpoint``:
+more FLOPs, fewer saved activations).
 
     python benchmarks/bench_layer.py --size base --batch 32 --seq 64 [--stack]
 """
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmx.bench import SIZES, bert_config
-from dmx import train
+from dmx import probes
 from dmx.models.bert import BertModel, Embeddings, attention_bias
 
 
@@ -112,7 +114,7 @@ def main() -> int:
 
 
 def time_stack(model: BertModel, args: argparse.Namespace) -> None:
-  """Prints the masked input pass + backward: forward_from, a plain scan, a loop, a remat scan."""
+  """Prints the masked input pass + backward: forward_from both ways, a scan, a remat scan."""
   config = model.config
   params = model.init(jax.random.key(0), args.seq)
   batch = {'input_ids': jax.random.randint(jax.random.key(3), (args.batch, args.seq), 1000, 2000),
@@ -130,15 +132,11 @@ def time_stack(model: BertModel, args: argparse.Namespace) -> None:
     step = jax.checkpoint(lambda hidden, layer: (model._run_layer(layer, hidden, bias), None))  # pylint: disable=protected-access
     return jax.lax.scan(step, hidden, params['layers'])[0]
 
-  def layers_loop(params, hidden):
-    for index in range(config.num_layers):
-      layer = jax.tree.map(lambda leaf, index=index: leaf[index], params['layers'])
-      hidden = model._run_layer(layer, hidden, bias)  # pylint: disable=protected-access
-    return hidden
-
   def logits(gates, params, stack):
-    if stack is None:  # the train step's own masked pass
-      return train.masked_pass(model, params, batch, states, 'input', gates, baselines, 0)
+    if isinstance(stack, str):  # the train step's masked pass, at a static or traced depth
+      depth = 0 if stack == 'static' else jnp.int32(0)
+      replace = lambda index, state: probes.replace_with_baseline(state, gates, baselines[0])
+      return model.forward_from(params, batch, states, depth, replace)
     ids = batch['input_ids']
     embedded = model.embeddings.apply(
         {'params': params['embeddings']}, states[0] * gates[..., None], ids, jnp.zeros_like(ids),
@@ -147,11 +145,12 @@ def time_stack(model: BertModel, args: argparse.Namespace) -> None:
 
   gates = jnp.full((args.batch, args.seq), 0.7)  # strictly inside (0, 1): both paths live
   calls = {name: jax.jit(jax.grad(lambda g, p, stack=stack: jnp.sum(logits(g, p, stack) * cotangent)))
-           for name, stack in (('forward_from (scan + cond)', None), ('plain scan', layers_scan),
-                               ('unrolled loop', layers_loop),
+           for name, stack in (('forward_from, static depth', 'static'),
+                               ('forward_from, traced depth (conds)', 'traced'),
+                               ('plain scan', layers_scan),
                                ('scan, layers rematerialised', layers_remat))}
   gradients = {name: np.asarray(call(gates, params)) for name, call in calls.items()}
-  reference = gradients['forward_from (scan + cond)']
+  reference = gradients['forward_from, static depth']
   # the four are one computation: a timing of a different one would mean nothing
   differences = {name: float(np.abs(value - reference).max()) for name, value in gradients.items()}
   if max(differences.values()) > 1e-4 * max(float(np.abs(reference).max()), 1.0):

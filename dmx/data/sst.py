@@ -357,7 +357,7 @@ def word_piece_ids(sentences: Sequence[Sequence[str]], tokenizer) -> list[list[i
 def token_lengths(examples: Sequence[SstExample], tokenizer) -> np.ndarray:
   """``(N,)`` int32, the number of tokens of each sentence, special tokens included."""
   return np.array([len(ids) for ids in word_piece_ids([e.words for e in examples], tokenizer)],
-                  np.int32).reshape(-1)
+                  np.int32)
 
 
 def check_fits(examples: Sequence[SstExample], tokenizer, max_length: int = 84) -> np.ndarray:

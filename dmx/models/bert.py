@@ -350,6 +350,13 @@ def _layer_rows(layers_params: Params, index: int | slice) -> Params:
   return jax.tree.map(lambda leaf: leaf[index], layers_params)
 
 
+def _cond(predicate, true_fn: Callable, false_fn: Callable, operand):
+  """``lax.cond``, decided while tracing when ``predicate`` is a Python bool (a static depth)."""
+  if isinstance(predicate, (bool, np.bool_)):
+    return true_fn(operand) if predicate else false_fn(operand)
+  return jax.lax.cond(predicate, true_fn, false_fn, operand)
+
+
 class BertModel:
   """A :class:`dmx.models.base.MaskableModel` over a BERT-family encoder.
 
@@ -436,10 +443,8 @@ class BertModel:
     bias = attention_bias(mask)
     word_embedded, embedded = self._embed(params, input_ids, token_type_ids)
 
-    states = [word_embedded, embedded]
-    for layer in range(self.config.num_layers):  # unrolled: see forward_from
-      states.append(self._run_layer(_layer_rows(params['layers'], layer), states[-1], bias))
-    return self._outputs(params, states[-1], mask), tuple(states)
+    final, layer_outputs, _ = self._run_layers(params['layers'], embedded, bias)
+    return self._outputs(params, final, mask), (word_embedded, embedded, *layer_outputs)
 
   def forward_from(self, params: Params, batch: dict, states: tuple[jax.Array, ...],
                    layer_index, intervention: Intervention) -> jax.Array:
@@ -459,32 +464,23 @@ class BertModel:
     recombine = lambda word_embedded: self.embeddings.apply(
         embedding_params, word_embedded, input_ids, token_type_ids, method=Embeddings.combine)
 
-    if isinstance(layer_index, (int, np.integer)):
-      if not 0 <= layer_index < self.config.num_states:
-        raise ValueError(f'layer_index must be in [0, {self.config.num_states}), got {layer_index}')
-      # a static depth (the input gate's 0): only the layers above it, unrolled, with no cond
-      first = int(layer_index)
-      replaced = intervention(jnp.asarray(first, jnp.int32), states[first])
-      hidden = (recombine(replaced) if first == 0
-                else replaced.astype(self.config.compute_dtype))
-      for layer in range(max(first, 1), self.config.num_layers + 1):
-        hidden = self._run_layer(_layer_rows(params['layers'], layer - 1), hidden, bias)
-      return self._outputs(params, hidden, mask)
-
-    # a traced depth: one program serves every depth, each layer behind a lax.cond that
-    # skips it below the injection point. The loop is unrolled in Python rather than a
-    # lax.scan: on CPU the scan costs about 10% more than the layers it runs
-    # (benchmarks/bench_layer.py --stack).
-    layer_index = jnp.asarray(layer_index, jnp.int32)
-    replaced = intervention(layer_index, jnp.stack(states)[layer_index])
-    hidden = jax.lax.cond(layer_index == 0, recombine,
-                          lambda state: state.astype(self.config.compute_dtype), replaced)
+    static = isinstance(layer_index, (int, np.integer))
+    if static and not 0 <= layer_index < self.config.num_states:
+      raise ValueError(f'layer_index must be in [0, {self.config.num_states}), got {layer_index}')
+    # A traced depth gives one program for every depth, each layer behind a lax.cond that
+    # skips it below the injection point; a static one (the input gate's 0) resolves the
+    # same conditions while tracing, so only the layers above it are built. The loop is
+    # unrolled rather than a lax.scan: on CPU the scan costs about 10% more than the layers
+    # it runs (benchmarks/bench_layer.py --stack).
+    replaced = intervention(jnp.asarray(layer_index, jnp.int32),
+                            states[layer_index] if static else jnp.stack(states)[layer_index])
+    hidden = _cond(layer_index == 0, recombine,
+                   lambda state: state.astype(self.config.compute_dtype), replaced)
     for layer in range(1, self.config.num_layers + 1):
       layer_params = _layer_rows(params['layers'], layer - 1)
       # layer k maps h_k to h_{k+1}: layers below the injection point pass the state through
-      hidden = jax.lax.cond(layer >= layer_index,
-                            lambda h, p=layer_params: self._run_layer(p, h, bias),
-                            lambda h: h, hidden)
+      hidden = _cond(layer >= layer_index, lambda h, p=layer_params: self._run_layer(p, h, bias),
+                     lambda h: h, hidden)
     return self._outputs(params, hidden, mask)
 
   # -- attention: read every layer's probabilities, edit one layer's, mask heads -----------------
@@ -509,41 +505,39 @@ class BertModel:
                        f'got {attention_layer}')
     return int(attention_layer)
 
-  def _stacked_layers(self, layers_params: Params, hidden: jax.Array, bias: jax.Array,
-                      head_mask: jax.Array | None):
-    """Stacked layers in order: ``(final, (outputs (n, b, s, h), attention (n, b, h, q, k)))``.
+  def _run_layers(self, layers_params: Params, hidden: jax.Array, bias: jax.Array,
+                  head_mask: jax.Array | None = None):
+    """Stacked layers in order, unrolled: ``(final, outputs, attention)``.
 
-    Unrolled like :meth:`forward`'s loop, so an unedited pass gives its numbers exactly.
+    ``outputs``: a list of each layer's ``(b, s, h)`` output; ``attention``: a
+    list of each layer's ``(b, heads, q, k)`` probabilities (under ``jit``
+    unused ones cost nothing: the layer computes them anyway). The one loop of
+    :meth:`forward` and the attention entry points, so their numbers agree exactly.
     """
-    count = jax.tree.leaves(layers_params)[0].shape[0]
     outputs, attention = [], []
-    for layer in range(count):
+    for layer in range(jax.tree.leaves(layers_params)[0].shape[0]):
       hidden, weights = self.layer.apply(
           {'params': _layer_rows(layers_params, layer)}, hidden, bias, None,
           None if head_mask is None else head_mask[layer])
       outputs.append(hidden)
       attention.append(weights)
-    if not outputs:  # no layers (an edit of the first layer has none below it)
-      batch, seq = hidden.shape[:2]
-      return hidden, (jnp.zeros((0,) + hidden.shape, hidden.dtype),
-                      jnp.zeros((0, batch, self.config.num_heads, seq, seq), jnp.float32))
-    return hidden, (jnp.stack(outputs), jnp.stack(attention))
+    return hidden, outputs, attention
 
   def _layers_from(self, params: Params, hidden: jax.Array, bias: jax.Array, first: int,
                    head_mask: jax.Array | None, attention_edit: AttentionEdit | None):
     """Layers ``first..L-1`` (0-based) from ``first``'s input, ``attention_edit`` at ``first``.
 
-    Returns ``(final, outputs (L - first, b, s, h), attention (L - first, b, h, q, k))``.
+    Returns ``(final, outputs, attention)``, lists of ``L - first`` layers as
+    :meth:`_run_layers`'s.
     """
     hidden, weights = self.layer.apply(
         {'params': _layer_rows(params['layers'], first)}, hidden, bias, attention_edit,
         None if head_mask is None else head_mask[first])
     rest = slice(first + 1, None)
-    final, (outputs, rest_weights) = self._stacked_layers(
+    final, outputs, attention = self._run_layers(
         _layer_rows(params['layers'], rest), hidden, bias,
         None if head_mask is None else head_mask[rest])
-    return (final, jnp.concatenate([hidden[None], outputs]),
-            jnp.concatenate([weights[None], rest_weights]))
+    return final, [hidden, *outputs], [weights, *attention]
 
   def forward_with_attention(self, params: Params, batch: dict, *, head_mask=None,
                              attention_layer: int | None = None,
@@ -573,20 +567,21 @@ class BertModel:
     bias = attention_bias(mask)
     word_embedded, embedded = self._embed(params, input_ids, token_type_ids)
     if attention_edit is None:
-      final, (layer_outputs, attention) = self._stacked_layers(params['layers'], embedded,
-                                                               bias, head_mask)
+      final, layer_outputs, attention = self._run_layers(params['layers'], embedded, bias,
+                                                         head_mask)
     else:
       first = self.check_attention_layer(attention_layer)
       below = slice(0, first)
-      hidden, (below_outputs, below_attention) = self._stacked_layers(
+      hidden, below_outputs, below_attention = self._run_layers(
           _layer_rows(params['layers'], below), embedded, bias,
           None if head_mask is None else head_mask[below])
       final, above_outputs, above_attention = self._layers_from(params, hidden, bias, first,
                                                                 head_mask, attention_edit)
-      layer_outputs = jnp.concatenate([below_outputs, above_outputs])
-      attention = jnp.concatenate([below_attention, above_attention])
-    states = (word_embedded, embedded) + tuple(layer_outputs)  # (L, b, s, h) -> L states
-    return AttentionPass(self._outputs(params, final, mask), states, attention)
+      layer_outputs = below_outputs + above_outputs
+      attention = below_attention + above_attention
+    return AttentionPass(self._outputs(params, final, mask),
+                         (word_embedded, embedded, *layer_outputs),
+                         jnp.stack(attention))  # (num_layers, b, heads, q, k)
 
   def attention_probabilities(self, params: Params, batch: dict) -> jax.Array:
     """``(num_layers, batch, heads, q, k)`` float32 attention probabilities of the clean pass.
