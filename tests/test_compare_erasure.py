@@ -127,8 +127,10 @@ def test_pipeline_end_to_end_on_a_tiny_untrained_model(tmp_path):
   args = parser.parse_args(['--out', str(tmp_path / 'out'), '--model', str(tmp_path / 'model'),
                             '--sentences', '3', '--max-tokens', '6', '--seeds', '0', '1',
                             '--steps', '4', '--samples', '1', '--max-evaluations', '1000',
+                            '--reinforce-reward', 'original', '--baseline-decay', '0.99',
                             '--no-progress'])
   report = compare_erasure.run_from_args(args)
+  assert report['config']['reinforce_reward'] == 'original'
   saved = json.loads((tmp_path / 'out' / 'report.json').read_text())
   assert saved['checks'] == report['checks']
   markdown = (tmp_path / 'out' / 'report.md').read_text()
@@ -148,6 +150,8 @@ def test_pipeline_end_to_end_on_a_tiny_untrained_model(tmp_path):
                                    'diffmask_beats_reinforce_optimality'}
   assert report['own_objective']['scored_sentences'] >= 1
   assert 'dmx compare sst-erasure' in report['command'] and '--steps 4' in report['command']
+  assert '--reinforce-reward original --baseline-decay 0.99' in report['command']
+  assert "the original code's estimator" in markdown
 
 
 def test_pipeline_on_a_bert_classifier_erases_word_pieces(tmp_path, sst_model_folder,

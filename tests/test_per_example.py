@@ -17,7 +17,7 @@ import pytest
 from dmx import relaxations
 from dmx.baselines.erasure import erasure_search
 from dmx.baselines.per_example import (per_example_diffmask, per_example_masks,
-                                       per_example_reinforce)
+                                       per_example_reinforce, reinforce_reward)
 from known_models import OneTokenModel, ThresholdModel
 
 METHODS = [pytest.param(per_example_diffmask, id='diffmask'),
@@ -127,6 +127,52 @@ def test_reinforce_gradient_is_the_score_function_estimate():
   np.testing.assert_allclose(grad, expected, rtol=1e-6)
 
 
+def test_original_reinforce_trades_divergence_against_l0_at_a_fixed_weight():
+  # Erasing position 0 costs KL(p || uniform) = 0.687 nats in every example; it saves
+  # 1 / length of expected L0. The original's reward ignores the multiplier, so it keeps the
+  # position where 0.687 > 1 / length (lengths 4 and 3) and erases it in the length-1
+  # example (saving 1) even though that breaks the constraint, which the Lagrangian
+  # estimator keeps (test_keeps_exactly_the_position_that_matters).
+  batch, params = one_token_batch()
+  result = per_example_reinforce(OneTokenModel(), params, batch, key=jax.random.key(1),
+                                 reward='original', baseline_decay=0.99, **FAST)
+  np.testing.assert_array_equal(result.mask, [[1, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
+  np.testing.assert_allclose(result.divergence[1], np.log(2) - 0.0058, atol=2e-3)
+
+
+@pytest.mark.parametrize('reward, multiplier_reaches_logits', [('lagrangian', True),
+                                                              ('original', False)])
+def test_only_the_lagrangian_reward_lets_the_multiplier_reach_the_logits(
+    reward, multiplier_reaches_logits):
+  # the original's loss is alpha * loss_c.detach() + loss_g + reward * log_p: alpha multiplies a
+  # detached term, so the logits follow the same path whatever the multiplier is
+  batch, params = one_token_batch()
+  options = dict(key=jax.random.key(2), steps=20, margin=0.05, learning_rate=0.1, samples=2,
+                 reward=reward)
+  small = per_example_reinforce(OneTokenModel(), params, batch, multiplier_init=0.5, **options)
+  large = per_example_reinforce(OneTokenModel(), params, batch, multiplier_init=50.0, **options)
+  assert not np.allclose(small.multiplier, large.multiplier)
+  assert np.allclose(small.logits, large.logits, atol=1e-6) != multiplier_reaches_logits
+
+
+@pytest.mark.parametrize('count', [0, 3])
+def test_reinforce_rewards_by_hand(count):
+  divergence = np.array([[0.3, 0.02], [0.1, 0.5], [0.7, 0.0]])  # (samples, batch)
+  multipliers, average = np.array([2.0, 0.5]), np.array([0.2, -0.1])
+  margin, decay = 0.05, 0.9
+  options = dict(margin=margin, decay=decay)
+  original = reinforce_reward(jnp.asarray(divergence), jnp.asarray(multipliers),
+                              jnp.asarray(average), count, reward='original', **options)
+  # the original: loss_c = D - eps; b <- 0.99 b + 0.01 mean(loss_c); reward = loss_c - b
+  constraint = divergence - margin
+  updated = decay * average + (1 - decay) * constraint.mean(axis=0)
+  np.testing.assert_allclose(original, constraint - updated, atol=1e-6)
+  lagrangian = reinforce_reward(jnp.asarray(divergence), jnp.asarray(multipliers),
+                                jnp.asarray(average), count, reward='lagrangian', **options)
+  corrected = average / (1 - decay ** count) if count else np.zeros(2)
+  np.testing.assert_allclose(lagrangian, multipliers * (divergence - corrected), atol=1e-6)
+
+
 def test_bias_corrected_moving_average():
   decay, values = 0.9, [0.5, 2.0, 1.0]
   average = jnp.zeros(())
@@ -143,6 +189,7 @@ def test_bias_corrected_moving_average():
     (dict(learning_rate=0.0), 'learning_rate'), (dict(sparsity='l1'), 'sparsity'),
     (dict(baseline_decay=1.0), 'baseline_decay'), (dict(layer_index=1), 'layer_index'),
     (dict(multiplier_init=1e6), 'multiplier_init'), (dict(optimizer='sgd'), 'optimizer'),
+    (dict(reward='baseline'), 'reward'),
 ])
 def test_bad_arguments_are_one_line_errors(options, match):
   batch, params = one_token_batch()

@@ -20,7 +20,15 @@ the gates and in how the gradient of ``E[D]`` reaches the logits:
 * :func:`per_example_reinforce`: Bernoulli gates and the score-function
   estimator ``lambda_i (D_i - b_i) d log p(z_i)`` with ``b_i`` a per-example,
   bias-corrected moving average of ``D_i`` (Williams, 1992), the paper's
-  "REINFORCE with a moving average baseline".
+  "REINFORCE with a moving average baseline". ``reward='original'`` is the
+  original code's estimator instead (``PerSampleREINFORCE...`` in
+  ``sentiment_classification_sst_diffmask.py``): its loss is
+  ``alpha * loss_c.detach() + loss_g + reward * log_p`` with
+  ``loss_c = D - margin`` and ``reward = loss_c - b``, ``b`` a moving average
+  of ``loss_c`` started at 0, not bias-corrected, and updated with this step's
+  ``loss_c`` before the reward is taken. The multiplier multiplies a detached
+  term there, so it never reaches the logits: the gates trade sparsity
+  against the divergence at a fixed weight of 1, whatever the constraint says.
 
 The answer is the deterministic mask ``1[P(z_it != 0) > 1/2]`` at the final
 logits (Hard Concrete's median gate is 0 exactly there; for a Bernoulli it is
@@ -59,6 +67,9 @@ from dmx.baselines.schulz import per_example_optimizer
 from dmx.models.base import MaskableModel
 
 
+REWARDS = ('lagrangian', 'original')
+
+
 class PerExampleMasks(NamedTuple):
   """The masks found by :func:`per_example_diffmask` or :func:`per_example_reinforce`.
 
@@ -91,6 +102,38 @@ class _SearchState(NamedTuple):
   score_average: jax.Array
 
 
+def reinforce_tracked(divergence: jax.Array, margin: float, reward: str) -> jax.Array:
+  """What the REINFORCE baseline averages: ``D`` (``'lagrangian'``) or ``D - margin`` (``'original'``)."""
+  return divergence - margin if reward == 'original' else divergence
+
+
+def reinforce_reward(divergence: jax.Array, multipliers: jax.Array, average: jax.Array,
+                     count: jax.Array, *, margin: float, decay: float,
+                     reward: str) -> jax.Array:
+  """The score each gate sample gets in REINFORCE's surrogate (see ``reward`` in :func:`per_example_masks`).
+
+  Args:
+    divergence: ``(samples, batch)`` ``KL(clean || masked)`` of each sample.
+    multipliers: ``(batch,)`` the Lagrange multipliers.
+    average: ``(batch,)`` the moving average of :func:`reinforce_tracked`
+      before this step (started at 0).
+    count: steps taken so far (updates of ``average``).
+    margin, decay: the constraint's margin and the average's decay.
+    reward: ``'lagrangian'`` or ``'original'``.
+
+  Returns:
+    ``(samples, batch)`` rewards (``'lagrangian'``: ``lambda * (D - corrected
+    average)``; ``'original'``: ``(D - margin) - average updated with this
+    step's mean``).
+  """
+  if reward == 'original':
+    # the original updates its baseline with this step before taking the reward
+    constraint = reinforce_tracked(divergence, margin, reward)
+    return constraint - relaxations.moving_average(average, constraint.mean(axis=0), decay)[None]
+  corrected = relaxations.bias_corrected_average(average, count, decay)
+  return multipliers[None] * (divergence - corrected[None])
+
+
 def per_example_masks(model: MaskableModel, params, batch: dict, *,
                       relaxation: relaxations.Relaxation, key: jax.Array | None = None,
                       layer_index: int = 0, baseline: jax.Array | None = None,
@@ -99,7 +142,7 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
                       sparsity: str = 'l0', multiplier_init: float = 1.0,
                       multiplier_learning_rate: float = 0.1, multiplier_max: float = 200.0,
                       dual_optimizer: str = 'lookahead_rmsprop', baseline_decay: float = 0.9,
-                      progress: bool = False, chunk_steps: int = 50,
+                      reward: str = 'lagrangian', progress: bool = False, chunk_steps: int = 50,
                       description: str = 'per-example masks') -> PerExampleMasks:
   """Per-example gate logits for ``relaxation``, by the Lagrangian of the module docstring.
 
@@ -107,7 +150,7 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
   ``'straight_through'``) is differentiated through its samples; a
   ``'score_function'`` one (``relaxations.reinforce()``) through
   :func:`dmx.relaxations.score_function_surrogate` with a per-example moving
-  average baseline (decay ``baseline_decay``, bias-corrected).
+  average baseline (decay ``baseline_decay``; see ``reward``).
 
   Args:
     model: a classifier: outputs ``(batch, classes)``.
@@ -130,6 +173,13 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
       the per-example dual ascent (see :func:`dmx.optim.dual_optimizer`),
       projected onto ``[0, multiplier_max]``.
     baseline_decay: decay of the REINFORCE baseline, in ``[0, 1)``.
+    reward: what a score-function relaxation's sample scores:
+      ``'lagrangian'`` (``lambda_i * (D_i - b_i)``, ``b_i`` the bias-corrected
+      moving average of ``D_i`` before this step: the estimator of the
+      Lagrangian both methods minimise) or ``'original'`` (the original code's
+      ``(D_i - margin) - b_i``, ``b_i`` its uncorrected moving average
+      including this step, without the multiplier; see the module docstring).
+      Ignored by pathwise relaxations.
     progress: show a progress bar (steps run in jitted chunks).
     chunk_steps: steps per jitted chunk when ``progress``.
     description: the progress bar's label.
@@ -149,6 +199,8 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
     raise ValueError(f'multiplier_init must lie in [0, multiplier_max], got {multiplier_init}')
   if not 0.0 <= baseline_decay < 1.0:
     raise ValueError(f'baseline_decay must lie in [0, 1), got {baseline_decay}')
+  if reward not in REWARDS:
+    raise ValueError(f'reward must be one of {REWARDS}, got {reward!r}')
   if sparsity not in objective.SPARSITY_LOSSES:
     raise ValueError(f'sparsity must be one of {objective.SPARSITY_LOSSES}, got {sparsity!r}')
   check_layer_index(model, layer_index)
@@ -175,7 +227,7 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
     outputs = jax.vmap(masked_outputs)(gates)
     return objective.kl_divergence(clean_outputs[None], outputs)
 
-  def loss_fn(logits, multipliers, noise, reward_baseline):
+  def loss_fn(logits, multipliers, noise, score_average, step_count):
     gates = relaxation.sample(noise, jnp.broadcast_to(logits, noise.shape))
     divergence = divergences(gates)  # (samples, batch)
     expected_divergence = divergence.mean(axis=0)
@@ -183,21 +235,20 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
     # a sum over examples: each example's logits and multiplier get their own gradient
     loss = jnp.sum(multipliers * (expected_divergence - margin) + sparsity_term)
     if score_function:
-      reward = multipliers[None] * (divergence - reward_baseline[None])
+      sample_reward = reinforce_reward(divergence, multipliers, score_average, step_count,
+                                       margin=margin, decay=baseline_decay, reward=reward)
       log_prob = relaxation.log_prob(gates, jnp.broadcast_to(logits, gates.shape))
       surrogate = relaxations.score_function_surrogate(
-          reward.reshape(-1), log_prob.reshape(-1, seq),
+          sample_reward.reshape(-1), log_prob.reshape(-1, seq),
           jnp.broadcast_to(mask, gates.shape).reshape(-1, seq))
       loss = loss + surrogate.sum() / samples
     return loss, expected_divergence
 
   def step(carry: _SearchState, step_key):
     noise = relaxation.noise(step_key, (samples, num_examples, seq))
-    reward_baseline = relaxations.bias_corrected_average(carry.score_average, carry.step,
-                                                         baseline_decay)
     grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
     (logit_grads, multiplier_grads), divergence = grad_fn(
-        carry.logits, carry.multipliers.fast, noise, reward_baseline)
+        carry.logits, carry.multipliers.fast, noise, carry.score_average, carry.step)
     updates, opt_state = primal.update(logit_grads, carry.opt_state, carry.logits)
     multiplier_updates, dual_state = dual.update(multiplier_grads, carry.dual_state,
                                                  carry.multipliers)
@@ -206,8 +257,9 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
     return _SearchState(
         step=carry.step + 1, logits=optax.apply_updates(carry.logits, updates),
         opt_state=opt_state, multipliers=multipliers, dual_state=dual_state,
-        score_average=relaxations.moving_average(carry.score_average, divergence,
-                                                 baseline_decay)), None
+        score_average=relaxations.moving_average(
+            carry.score_average, reinforce_tracked(divergence, margin, reward),
+            baseline_decay)), None
 
   def run(carry, keys):
     return jax.lax.scan(step, carry, keys)[0]
@@ -257,11 +309,15 @@ def per_example_diffmask(model: MaskableModel, params, batch: dict, *,
 
 
 def per_example_reinforce(model: MaskableModel, params, batch: dict, *,
-                          baseline_decay: float = 0.9, **options) -> PerExampleMasks:
+                          baseline_decay: float = 0.9, reward: str = 'lagrangian',
+                          **options) -> PerExampleMasks:
   """REINFORCE with a per-example moving-average baseline: free Bernoulli logits per position.
 
   ``baseline_decay`` is the decay of the moving average of each example's
-  divergence; every other option is :func:`per_example_masks`'s.
+  divergence; ``reward`` is ``'lagrangian'`` (dmx's estimator of the
+  Lagrangian) or ``'original'`` (the original code's, whose multiplier never
+  reaches the logits; it used ``baseline_decay=0.99``). Every other option is
+  :func:`per_example_masks`'s.
   """
   return per_example_masks(model, params, batch, relaxation=relaxations.reinforce(),
-                           baseline_decay=baseline_decay, **options)
+                           baseline_decay=baseline_decay, reward=reward, **options)

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from dmx import checkpoint
 from dmx.baselines.erasure import erasure_search, make_subset_evaluator
+from dmx.baselines import per_example
 from dmx.baselines.per_example import per_example_diffmask, per_example_reinforce
 from dmx.data import sst
 from dmx.models import recurrent
@@ -76,6 +77,12 @@ PAPER_TABLE2 = {'reinforce': dict(precision=78.13, recall=86.40, f1=77.31, spars
                                  optimality=45.33)}
 DESCRIPTIONS = {'reinforce': 'REINFORCE, moving-average baseline (per example)',
                 'diffmask': 'DiffMask, Hard Concrete (per example, not amortised)'}
+REWARD_DESCRIPTIONS = {
+    'lagrangian': "the multiplier times the divergence minus its bias-corrected moving average "
+                  "(dmx's estimator of the Lagrangian)",
+    'original': "the divergence minus the margin minus its uncorrected moving average, without "
+                "the multiplier (the original code's estimator: a fixed weight of 1 on the "
+                "divergence)"}
 MODEL_FOLDER = 'recurrent_model'
 
 
@@ -99,6 +106,11 @@ class ErasureComparisonConfig:
       multiplier_learning_rate, baseline_decay: the per-example search (see
       :func:`dmx.baselines.per_example.per_example_masks`), the same for both
       methods.
+    reinforce_reward: REINFORCE's estimator, ``'lagrangian'`` (dmx's: the
+      multiplier scales the reward) or ``'original'`` (the original code's: a
+      fixed weight of 1 on the divergence, its baseline uncorrected; it used
+      ``baseline_decay=0.99``). See
+      :func:`dmx.baselines.per_example.reinforce_reward`.
     batch_size: sentences per per-example call.
     own_objective: also score against the exact optimum of the constrained
       problem both methods solve (argmax kept and KL within ``margin``).
@@ -125,6 +137,7 @@ class ErasureComparisonConfig:
   initial_logit: float = 2.0
   multiplier_learning_rate: float = 0.1
   baseline_decay: float = 0.9
+  reinforce_reward: str = 'lagrangian'
   batch_size: int = 256
   own_objective: bool = True
   model_seed: int = 0
@@ -147,6 +160,11 @@ class ErasureComparisonConfig:
       raise ValueError('steps, samples and batch_size must be >= 1')
     if not self.margin >= 0:
       raise ValueError(f'margin must be >= 0, got {self.margin}')
+    if self.reinforce_reward not in per_example.REWARDS:
+      raise ValueError(f'reinforce_reward must be one of {per_example.REWARDS}, got '
+                       f'{self.reinforce_reward!r}')
+    if not 0.0 <= self.baseline_decay < 1.0:
+      raise ValueError(f'baseline_decay must lie in [0, 1), got {self.baseline_decay}')
 
   def model_fingerprint(self) -> dict:
     """What the cached classifier depends on."""
@@ -354,7 +372,8 @@ def run_methods(classifier: ErasureClassifier, batch: dict, config: ErasureCompa
                 progress: bool) -> dict:
   """``{method: {seed: (masks (N, seq), keeps_prediction (N,), divergence (N,), seconds)}}``."""
   functions = {'diffmask': per_example_diffmask, 'reinforce': per_example_reinforce}
-  extra = {'diffmask': {}, 'reinforce': dict(baseline_decay=config.baseline_decay)}
+  extra = {'diffmask': {}, 'reinforce': dict(baseline_decay=config.baseline_decay,
+                                              reward=config.reinforce_reward)}
   num = len(batch['mask'])
   results = {}
   for method in METHODS:
@@ -534,7 +553,9 @@ def format_markdown(report: dict) -> str:
       f'{_number(erasure["mean_optimal_sets"])} optimal sets per sentence.', '',
       f'Per-example search: {config["steps"]} steps, margin {config["margin"]}, learning rate '
       f'{config["learning_rate"]} (Adam), {config["samples"]} gate samples per step, seeds '
-      f'{", ".join(map(str, config["seeds"]))} (mean ± std over seeds).', '',
+      f'{", ".join(map(str, config["seeds"]))} (mean ± std over seeds). REINFORCE\'s reward: '
+      f'{REWARD_DESCRIPTIONS[config.get("reinforce_reward", "lagrangian")]}, baseline decay '
+      f'{config.get("baseline_decay", 0.9)}.', '',
       '| metric (%) | REINFORCE | DiffMask | paper REINFORCE | paper DiffMask | erasure |',
       '| --- | --- | --- | --- | --- | --- |',
   ]
@@ -602,6 +623,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--learning-rate', type=float, default=defaults.learning_rate)
   parser.add_argument('--samples', type=int, default=defaults.samples,
                       help='gate samples per example and step')
+  parser.add_argument('--reinforce-reward', choices=per_example.REWARDS,
+                      default=defaults.reinforce_reward,
+                      help="REINFORCE's estimator: 'lagrangian' (the multiplier scales the "
+                           "reward) or 'original' (the original code's fixed weight of 1; use "
+                           "it with --baseline-decay 0.99, its value)")
+  parser.add_argument('--baseline-decay', type=float, default=defaults.baseline_decay,
+                      help="decay of REINFORCE's moving-average baseline")
   parser.add_argument('--model-epochs', type=int, default=defaults.model_epochs)
   parser.add_argument('--pretrained-embeddings', default=None, metavar='MODEL',
                       help='train the recurrent classifier as the original did: a '
@@ -623,7 +651,8 @@ def command_line(args: argparse.Namespace) -> str:
             f'--max-tokens {args.max_tokens}', f'--max-evaluations {args.max_evaluations}',
             f'--seeds {" ".join(map(str, args.seeds))}', f'--steps {args.steps}',
             f'--margin {args.margin}', f'--learning-rate {args.learning_rate}',
-            f'--samples {args.samples}', f'--model-epochs {args.model_epochs}']
+            f'--samples {args.samples}', f'--reinforce-reward {args.reinforce_reward}',
+            f'--baseline-decay {args.baseline_decay}', f'--model-epochs {args.model_epochs}']
   if args.pretrained_embeddings is not None:
     parts.append(f'--pretrained-embeddings {args.pretrained_embeddings}')
   if args.no_own_objective:
@@ -644,6 +673,7 @@ def config_from_args(args: argparse.Namespace) -> ErasureComparisonConfig:
       max_evaluations=args.max_evaluations, seeds=tuple(args.seeds), steps=args.steps,
       margin=args.margin, learning_rate=args.learning_rate, samples=args.samples,
       model_epochs=args.model_epochs, own_objective=not args.no_own_objective,
+      reinforce_reward=args.reinforce_reward, baseline_decay=args.baseline_decay,
       pretrained_embeddings=args.pretrained_embeddings)
 
 
