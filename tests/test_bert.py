@@ -229,6 +229,20 @@ def test_forward_from_identity_reproduces_forward_static(tiny_classifier):
     np.testing.assert_allclose(resumed, outputs, atol=1e-5, err_msg=f'layer {layer_index}')
 
 
+def test_classifier_last_layer_computes_only_the_first_position(tiny_classifier):
+  model, params, batch, outputs, states = tiny_classifier
+  config = model.config
+  last = config.num_layers  # h_L is the last layer's input
+  jaxpr = jax.make_jaxpr(lambda: model.forward_from(params, batch, states, last, identity))()
+  feed_forward_inputs = [eqn.invars[0].aval.shape for eqn in jaxpr.eqns
+                         if eqn.primitive.name == 'dot_general'
+                         and eqn.invars[1].aval.shape == (config.hidden_size,
+                                                          config.intermediate_size)]
+  assert feed_forward_inputs == [(len(batch['mask']), 1, config.hidden_size)]
+  resumed = model.forward_from(params, batch, states, last, identity)
+  np.testing.assert_allclose(resumed, outputs, atol=1e-5)
+
+
 def test_forward_from_traced_index_compiles_once(tiny_classifier):
   model, params, batch, outputs, states = tiny_classifier
   traces, seen_indices = [], []

@@ -239,19 +239,24 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, hidden: jax.Array, bias: jax.Array,
                attention_edit: AttentionEdit | None = None,
-               head_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """``(batch, seq, hidden), (batch, 1, 1, seq) -> ((batch, seq, hidden), weights)``.
+               head_scale: jax.Array | None = None,
+               first_query_only: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``(batch, seq, hidden), (batch, 1, 1, seq) -> ((batch, q, hidden), weights)``.
 
     ``weights`` are the float32 attention probabilities ``(batch, heads, q, k)``
     the layer used: after ``attention_edit`` (a function of the softmax output,
     returning the same shape) when one is given. ``head_scale`` ``(heads,)``
     multiplies each head's context before the output projection (0 prunes a
-    head). With neither, the computation is the plain layer's.
+    head). With neither, the computation is the plain layer's. ``q`` is
+    ``seq``, or 1 with ``first_query_only``: only the first position attends
+    (keys and values still come from every position), for a head that reads
+    nothing else.
     """
     c = self.config
     head_dim = c.hidden_size // c.num_heads
     split_heads = lambda x: x.reshape(x.shape[:2] + (c.num_heads, head_dim))
-    query = split_heads(_dense(c, c.hidden_size, 'query')(hidden))  # (batch, seq, heads, head_dim)
+    queried = hidden[:, :1] if first_query_only else hidden  # (batch, q, hidden)
+    query = split_heads(_dense(c, c.hidden_size, 'query')(queried))  # (batch, q, heads, head_dim)
     key = split_heads(_dense(c, c.hidden_size, 'key')(hidden))
     value = split_heads(_dense(c, c.hidden_size, 'value')(hidden))
     logits = jnp.einsum('bqhd,bkhd->bhqk', query, key,
@@ -266,7 +271,7 @@ class SelfAttention(nn.Module):
     context = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(c.compute_dtype), value)
     if head_scale is not None:
       context = context * jnp.asarray(head_scale)[None, None, :, None].astype(context.dtype)
-    return _dense(c, c.hidden_size, 'output')(context.reshape(hidden.shape)), weights
+    return _dense(c, c.hidden_size, 'output')(context.reshape(queried.shape)), weights
 
 
 class TransformerLayer(nn.Module):
@@ -276,18 +281,21 @@ class TransformerLayer(nn.Module):
   @nn.compact
   def __call__(self, hidden: jax.Array, bias: jax.Array,
                attention_edit: AttentionEdit | None = None,
-               head_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """``(batch, seq, hidden), (batch, 1, 1, seq) -> ((batch, seq, hidden), weights)``.
+               head_scale: jax.Array | None = None,
+               first_query_only: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``(batch, seq, hidden), (batch, 1, 1, seq) -> ((batch, q, hidden), weights)``.
 
     ``weights``: ``(batch, heads, q, k)`` float32; see :class:`SelfAttention`
-    for ``attention_edit`` and ``head_scale``. Callers that drop ``weights``
-    pay nothing for them: XLA removes the dead output.
+    for ``attention_edit``, ``head_scale`` and ``first_query_only`` (``q = 1``:
+    only the first position's new state is computed). Callers that drop
+    ``weights`` pay nothing for them: XLA removes the dead output.
     """
     c = self.config
     attended, weights = SelfAttention(c, name='attention')(hidden, bias, attention_edit,
-                                                           head_scale)
+                                                           head_scale, first_query_only)
+    residual = hidden[:, :1] if first_query_only else hidden
     hidden = _layer_norm(c, 'attention_layer_norm')(
-        attended.astype(jnp.float32) + hidden.astype(jnp.float32))
+        attended.astype(jnp.float32) + residual.astype(jnp.float32))
     intermediate = ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, 'intermediate')(hidden))
     output = _dense(c, c.hidden_size, 'output')(intermediate)
     return _layer_norm(c, 'output_layer_norm')(
@@ -429,8 +437,10 @@ class BertModel:
                                      token_type_ids, method=Embeddings.combine)
     return word_embedded, embedded
 
-  def _run_layer(self, layer_params: Params, hidden: jax.Array, bias: jax.Array) -> jax.Array:
-    return self.layer.apply({'params': layer_params}, hidden, bias)[0]
+  def _run_layer(self, layer_params: Params, hidden: jax.Array, bias: jax.Array,
+                 first_query_only: bool = False) -> jax.Array:
+    return self.layer.apply({'params': layer_params}, hidden, bias, None, None,
+                            first_query_only)[0]
 
   def _outputs(self, params: Params, final_states: jax.Array, mask: jax.Array) -> jax.Array:
     if self.head is None:
@@ -454,7 +464,9 @@ class BertModel:
     then every layer; ``l >= 1`` runs layers ``l..L`` from the new ``h_l``;
     ``l = L + 1`` only the head. ``layer_index`` may be a Python int or a
     traced int scalar: one compiled program serves every depth, and
-    ``intervention`` receives the index as an int32 array.
+    ``intervention`` receives the index as an int32 array. With a
+    classification head the last layer computes only the first position, the
+    one the head reads.
     """
     input_ids, mask, token_type_ids = self._inputs(batch)
     if len(states) != self.config.num_states:
@@ -476,11 +488,17 @@ class BertModel:
                             states[layer_index] if static else jnp.stack(states)[layer_index])
     hidden = _cond(layer_index == 0, recombine,
                    lambda state: state.astype(self.config.compute_dtype), replaced)
-    for layer in range(1, self.config.num_layers + 1):
+    num_layers = self.config.num_layers
+    for layer in range(1, num_layers + 1):
       layer_params = _layer_rows(params['layers'], layer - 1)
+      # A classifier reads only the first position of the last layer's output, so that layer
+      # computes only the first position's new state (its keys and values still see every
+      # position): about 5/6 of its work, in the masked pass and its backward pass.
+      first_only = layer == num_layers and self.config.head == 'classification'
       # layer k maps h_k to h_{k+1}: layers below the injection point pass the state through
-      hidden = _cond(layer >= layer_index, lambda h, p=layer_params: self._run_layer(p, h, bias),
-                     lambda h: h, hidden)
+      hidden = _cond(layer >= layer_index,
+                     lambda h, p=layer_params, f=first_only: self._run_layer(p, h, bias, f),
+                     lambda h, f=first_only: h[:, :1] if f else h, hidden)
     return self._outputs(params, hidden, mask)
 
   # -- attention: read every layer's probabilities, edit one layer's, mask heads -----------------
