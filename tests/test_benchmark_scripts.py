@@ -37,3 +37,11 @@ def test_bench_layer_stack_runs_every_way():
   for name in ('forward_from, static depth', 'forward_from, traced depth', 'plain scan',
                'layers rematerialised'):
     assert name in out, out
+
+
+def test_bench_matmul_prints_every_row():
+  out = _run('bench_matmul.py', '--shapes', '8x4x6', '--repeats', '1', '--rounds', '1',
+             '--xla-flags=--xla_cpu_use_onednn=true')
+  assert 'torch.matmul' in out and 'XLA (default flags)' in out, out
+  assert 'XLA --xla_cpu_use_onednn=true' in out, out
+  assert len(re.findall(r'GF/s', out)) == 3, out
