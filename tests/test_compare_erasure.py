@@ -232,6 +232,10 @@ def test_bad_config_is_a_one_line_error():
     compare_erasure.ErasureComparisonConfig(margin=-0.1)
   with pytest.raises(ValueError, match='num_sentences'):
     compare_erasure.ErasureComparisonConfig(num_sentences=0)
+  with pytest.raises(ValueError, match='reinforce_reward'):
+    compare_erasure.ErasureComparisonConfig(reinforce_reward='baseline')
+  with pytest.raises(ValueError, match='baseline_decay'):
+    compare_erasure.ErasureComparisonConfig(baseline_decay=1.0)
 
 
 def test_a_given_model_and_embeddings_to_train_with_are_a_one_line_error(tmp_path):

@@ -102,7 +102,7 @@ class _SearchState(NamedTuple):
   score_average: jax.Array
 
 
-def reinforce_tracked(divergence: jax.Array, margin: float, reward: str) -> jax.Array:
+def _reinforce_tracked(divergence: jax.Array, margin: float, reward: str) -> jax.Array:
   """What the REINFORCE baseline averages: ``D`` (``'lagrangian'``) or ``D - margin`` (``'original'``)."""
   return divergence - margin if reward == 'original' else divergence
 
@@ -115,7 +115,7 @@ def reinforce_reward(divergence: jax.Array, multipliers: jax.Array, average: jax
   Args:
     divergence: ``(samples, batch)`` ``KL(clean || masked)`` of each sample.
     multipliers: ``(batch,)`` the Lagrange multipliers.
-    average: ``(batch,)`` the moving average of :func:`reinforce_tracked`
+    average: ``(batch,)`` the moving average of ``_reinforce_tracked``
       before this step (started at 0).
     count: steps taken so far (updates of ``average``).
     margin, decay: the constraint's margin and the average's decay.
@@ -128,7 +128,7 @@ def reinforce_reward(divergence: jax.Array, multipliers: jax.Array, average: jax
   """
   if reward == 'original':
     # the original updates its baseline with this step before taking the reward
-    constraint = reinforce_tracked(divergence, margin, reward)
+    constraint = _reinforce_tracked(divergence, margin, reward)
     return constraint - relaxations.moving_average(average, constraint.mean(axis=0), decay)[None]
   corrected = relaxations.bias_corrected_average(average, count, decay)
   return multipliers[None] * (divergence - corrected[None])
@@ -258,7 +258,7 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
         step=carry.step + 1, logits=optax.apply_updates(carry.logits, updates),
         opt_state=opt_state, multipliers=multipliers, dual_state=dual_state,
         score_average=relaxations.moving_average(
-            carry.score_average, reinforce_tracked(divergence, margin, reward),
+            carry.score_average, _reinforce_tracked(divergence, margin, reward),
             baseline_decay)), None
 
   def run(carry, keys):

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -305,6 +305,8 @@ class TransformerLayer(nn.Module):
 class ClassificationHead(nn.Module):
   """Sequence classification from the first token: ``(batch, seq, hidden) -> (batch, labels)``."""
   config: BertConfig
+  # it reads nothing but position 0, so a pass may compute only that position's final state
+  reads_first_position_only: ClassVar[bool] = True
 
   @nn.compact
   def __call__(self, final_states: jax.Array, mask: jax.Array) -> jax.Array:
@@ -323,6 +325,7 @@ class ClassificationHead(nn.Module):
 class QuestionAnsweringHead(nn.Module):
   """Span start and end logits: ``(batch, seq, hidden) -> (batch, 2, seq)``, pads at -inf."""
   config: BertConfig
+  reads_first_position_only: ClassVar[bool] = False
 
   @nn.compact
   def __call__(self, final_states: jax.Array, mask: jax.Array) -> jax.Array:
@@ -464,9 +467,9 @@ class BertModel:
     then every layer; ``l >= 1`` runs layers ``l..L`` from the new ``h_l``;
     ``l = L + 1`` only the head. ``layer_index`` may be a Python int or a
     traced int scalar: one compiled program serves every depth, and
-    ``intervention`` receives the index as an int32 array. With a
-    classification head the last layer computes only the first position, the
-    one the head reads.
+    ``intervention`` receives the index as an int32 array. Under a head that
+    reads only the first position (classification), the last layer computes
+    only that position.
     """
     input_ids, mask, token_type_ids = self._inputs(batch)
     if len(states) != self.config.num_states:
@@ -489,12 +492,13 @@ class BertModel:
     hidden = _cond(layer_index == 0, recombine,
                    lambda state: state.astype(self.config.compute_dtype), replaced)
     num_layers = self.config.num_layers
+    # When the head reads only the first position, the last layer computes only that
+    # position's new state (its keys and values still see every position): about 5/6 of
+    # its work, in the masked pass and its backward pass.
+    head_reads_first_only = self.head is not None and self.head.reads_first_position_only
     for layer in range(1, num_layers + 1):
       layer_params = _layer_rows(params['layers'], layer - 1)
-      # A classifier reads only the first position of the last layer's output, so that layer
-      # computes only the first position's new state (its keys and values still see every
-      # position): about 5/6 of its work, in the masked pass and its backward pass.
-      first_only = layer == num_layers and self.config.head == 'classification'
+      first_only = head_reads_first_only and layer == num_layers
       # layer k maps h_k to h_{k+1}: layers below the injection point pass the state through
       hidden = _cond(layer >= layer_index,
                      lambda h, p=layer_params, f=first_only: self._run_layer(p, h, bias, f),
@@ -528,9 +532,10 @@ class BertModel:
     """Stacked layers in order, unrolled: ``(final, outputs, attention)``.
 
     ``outputs``: a list of each layer's ``(b, s, h)`` output; ``attention``: a
-    list of each layer's ``(b, heads, q, k)`` probabilities (under ``jit``
-    unused ones cost nothing: the layer computes them anyway). The one loop of
-    :meth:`forward` and the attention entry points, so their numbers agree exactly.
+    list of each layer's ``(b, heads, q, k)`` probabilities (the layer
+    computes them anyway; callers that drop them add nothing under ``jit``).
+    The one loop of :meth:`forward` and the attention entry points, so their
+    numbers agree exactly.
     """
     outputs, attention = [], []
     for layer in range(jax.tree.leaves(layers_params)[0].shape[0]):

@@ -60,8 +60,7 @@ from tqdm.auto import tqdm
 
 from dmx import checkpoint
 from dmx.baselines.erasure import erasure_search, make_subset_evaluator
-from dmx.baselines import per_example
-from dmx.baselines.per_example import per_example_diffmask, per_example_reinforce
+from dmx.baselines.per_example import REWARDS, per_example_diffmask, per_example_reinforce
 from dmx.data import sst
 from dmx.models import recurrent
 from dmx.models.base import MaskableModel
@@ -160,8 +159,8 @@ class ErasureComparisonConfig:
       raise ValueError('steps, samples and batch_size must be >= 1')
     if not self.margin >= 0:
       raise ValueError(f'margin must be >= 0, got {self.margin}')
-    if self.reinforce_reward not in per_example.REWARDS:
-      raise ValueError(f'reinforce_reward must be one of {per_example.REWARDS}, got '
+    if self.reinforce_reward not in REWARDS:
+      raise ValueError(f'reinforce_reward must be one of {REWARDS}, got '
                        f'{self.reinforce_reward!r}')
     if not 0.0 <= self.baseline_decay < 1.0:
       raise ValueError(f'baseline_decay must lie in [0, 1), got {self.baseline_decay}')
@@ -554,8 +553,8 @@ def format_markdown(report: dict) -> str:
       f'Per-example search: {config["steps"]} steps, margin {config["margin"]}, learning rate '
       f'{config["learning_rate"]} (Adam), {config["samples"]} gate samples per step, seeds '
       f'{", ".join(map(str, config["seeds"]))} (mean ± std over seeds). REINFORCE\'s reward: '
-      f'{REWARD_DESCRIPTIONS[config.get("reinforce_reward", "lagrangian")]}, baseline decay '
-      f'{config.get("baseline_decay", 0.9)}.', '',
+      f'{REWARD_DESCRIPTIONS[config["reinforce_reward"]]}, baseline decay '
+      f'{config["baseline_decay"]}.', '',
       '| metric (%) | REINFORCE | DiffMask | paper REINFORCE | paper DiffMask | erasure |',
       '| --- | --- | --- | --- | --- | --- |',
   ]
@@ -623,7 +622,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--learning-rate', type=float, default=defaults.learning_rate)
   parser.add_argument('--samples', type=int, default=defaults.samples,
                       help='gate samples per example and step')
-  parser.add_argument('--reinforce-reward', choices=per_example.REWARDS,
+  parser.add_argument('--reinforce-reward', choices=REWARDS,
                       default=defaults.reinforce_reward,
                       help="REINFORCE's estimator: 'lagrangian' (the multiplier scales the "
                            "reward) or 'original' (the original code's fixed weight of 1; use "
