@@ -1,7 +1,11 @@
 """One float32 matrix product, XLA against PyTorch: the ceiling of every dmx/PyTorch ratio on CPU.
 
 Each row runs in a fresh process (``XLA_FLAGS`` is read once, when JAX
-starts): PyTorch's ``torch.matmul``, then ``jax.jit(jnp.matmul)`` with its
+starts): PyTorch's ``torch.matmul`` (its BLAS, MKL in the CPU wheels, what
+transformers' layers run), the same product as a ``torch.nn.Linear`` on
+oneDNN tensors (``torch.utils.mkldnn``: PyTorch's other CPU backend, which
+neither transformers nor the original use, shown as PyTorch's ceiling on
+CPUs where MKL is slow), then ``jax.jit(jnp.matmul)`` with its
 default flags and with each flag set in ``--xla-flags``, for every shape, in
 ``--rounds`` interleaved rounds (this machine's speed drifts between
 processes). Prints the median milliseconds of ``--repeats`` calls and
@@ -26,27 +30,50 @@ _CHILD = r'''
 import json, sys, time
 import numpy as np
 impl, repeats, shapes = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+# make_product(left, right) -> a call computing left @ right; wait(result) blocks until done;
+# dense(result) -> numpy
 if impl == 'torch':
   import torch
-  product = torch.matmul
-  convert = torch.from_numpy
+  def make_product(left, right):
+    left, right = torch.from_numpy(left), torch.from_numpy(right)
+    return lambda: torch.matmul(left, right)
   wait = lambda result: result
+  dense = lambda result: result.numpy()
+elif impl == 'torch-onednn':
+  import torch, torch.utils.mkldnn
+  torch.set_grad_enabled(False)
+  def make_product(left, right):
+    linear = torch.nn.Linear(right.shape[0], right.shape[1], bias=False)
+    linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(right.T)))
+    linear = torch.utils.mkldnn.to_mkldnn(linear)
+    left = torch.from_numpy(left).to_mkldnn()
+    return lambda: linear(left)
+  wait = lambda result: result  # oneDNN computes synchronously
+  dense = lambda result: result.to_dense().numpy()
 else:
   import jax, jax.numpy as jnp
-  product = jax.jit(jnp.matmul)
-  convert = jnp.asarray
+  def make_product(left, right):
+    left, right, product = jnp.asarray(left), jnp.asarray(right), jax.jit(jnp.matmul)
+    return lambda: product(left, right)
   wait = lambda result: result.block_until_ready()
+  dense = np.asarray
 rng = np.random.default_rng(0)
 seconds = []
 for rows, inner, cols in shapes:
-  left = convert(rng.standard_normal((rows, inner), dtype=np.float32))
-  right = convert(rng.standard_normal((inner, cols), dtype=np.float32))
+  left = rng.standard_normal((rows, inner), dtype=np.float32)
+  right = rng.standard_normal((inner, cols), dtype=np.float32)
+  product = make_product(left, right)
   for _ in range(2):  # compile, warm up
-    wait(product(left, right))
+    result = dense(wait(product())).astype(np.float64)
+  # every row must compute the same product (float32 rounding only)
+  reference = left.astype(np.float64) @ right.astype(np.float64)
+  error = np.max(np.abs(result - reference)) / np.max(np.abs(reference))
+  if not error < 1e-4:
+    raise SystemExit(f'{impl}: wrong product for {rows}x{inner}x{cols} (relative error {error:.2e})')
   times = []
   for _ in range(repeats):
     started = time.perf_counter()
-    wait(product(left, right))
+    wait(product())
     times.append(time.perf_counter() - started)
   seconds.append(float(np.median(times)))
 print(json.dumps(seconds))
@@ -88,7 +115,7 @@ def main() -> int:
   if args.repeats < 1 or args.rounds < 1:
     parser.error('--repeats and --rounds must be >= 1')
   flag_sets = list(DEFAULT_FLAGS) if args.xla_flags is None else args.xla_flags
-  rows = [('torch.matmul', 'torch', '')] + [
+  rows = [('torch.matmul', 'torch', ''), ('torch oneDNN Linear', 'torch-onednn', '')] + [
       (f'XLA {flags or "(default flags)"}', 'jax', flags) for flags in [''] + flag_sets]
   shape_names = ['x'.join(map(str, shape)) for shape in args.shapes]
   print(f'float32 matrix products, median of {args.repeats} calls, {args.rounds} rounds; '

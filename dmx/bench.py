@@ -176,11 +176,38 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def cpu_description(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """``'cpu (2 cores, AMD EPYC, family 26 model 2, x86_64)'``: what a CPU figure was measured on.
+
+  The vendor and family matter: the ratio of two libraries' matrix products
+  depends on them (MKL, PyTorch's BLAS, runs far below its peak on some AMD
+  CPUs; see docs/BENCHMARKS.md). Linux names them in ``/proc/cpuinfo``;
+  elsewhere only the architecture is given.
+  """
+  fields = {}
+  try:
+    with open(cpuinfo, encoding='utf-8') as stream:
+      for line in stream:
+        if not line.strip():
+          break  # the first processor's block is enough
+        name, _, value = line.partition(':')
+        fields.setdefault(name.strip(), value.strip())
+  except OSError:
+    pass
+  parts = [f'{_cpu_count()} cores']
+  if fields.get('model name'):
+    parts.append(fields['model name'])
+  if fields.get('cpu family') and fields.get('model'):
+    parts.append(f'family {fields["cpu family"]} model {fields["model"]}')
+  parts.append(platform.machine())
+  return f'cpu ({", ".join(parts)})'
+
+
 def _jax_device_and_peak() -> tuple[str, float | None]:
   """``(device description, device peak MB or None)`` of JAX's first device."""
   device = jax.devices()[0]
   if device.platform == 'cpu':
-    return f'cpu ({_cpu_count()} cores, {platform.processor() or platform.machine()})', None
+    return cpu_description(), None
   stats = device.memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
   return f'{device.platform}: {device.device_kind}', (peak / 2**20 if peak is not None else None)
@@ -318,7 +345,7 @@ def time_forward(impl: str, size: str, batch: int, seq: int, repeats: int = 3,
     device = _jax_device_and_peak()[0]
   elif impl == 'torch':
     call = _torch_forward_part(config, data, part)
-    device = f'cpu ({_cpu_count()} cores)'
+    device = cpu_description()
   else:
     raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
   call()
@@ -676,7 +703,7 @@ def time_torch_step(size: str, batch: int, seq: int, gate: str, steps: int | Non
     device_name = f'cuda: {torch.cuda.get_device_name(device)}'
     device_peak = torch.cuda.max_memory_allocated(device) / 2**20
   else:
-    device_name = f'cpu ({_cpu_count()} cores, {platform.processor() or platform.machine()})'
+    device_name = cpu_description()
     device_peak = None
   return dict(
       impl='torch', size=size, batch=batch, seq=seq, gate=gate, dtype=dtype, steps=steps,

@@ -357,3 +357,16 @@ def test_time_forward_rejects_nonsense():
     bench.time_forward('jax', 'tiny', 2, 8, repeats=0)
   with pytest.raises(ValueError, match='part'):
     bench.time_forward('jax', 'tiny', 2, 8, part='backward')
+
+
+def test_cpu_description_names_the_first_processor(tmp_path):
+  import platform
+  cpuinfo = tmp_path / 'cpuinfo'
+  cpuinfo.write_text('processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n'
+                     'model\t\t: 2\nmodel name\t: AMD EPYC\n\n'
+                     'processor\t: 1\nmodel name\t: Other\n')
+  assert bench.cpu_description(str(cpuinfo)) == (
+      f'cpu ({bench._cpu_count()} cores, AMD EPYC, family 26 model 2, {platform.machine()})')
+  # no /proc/cpuinfo (macOS, Windows): cores and architecture only
+  assert bench.cpu_description(str(tmp_path / 'missing')) == (
+      f'cpu ({bench._cpu_count()} cores, {platform.machine()})')
