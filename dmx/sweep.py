@@ -7,10 +7,16 @@ and one ``vmap``-ed :func:`dmx.train.make_train_step` advances all of them, so
 the paper's stability experiment (the spread of attributions over 5 seeds) is
 a single program instead of 5 runs.
 
-A note on cost: under ``vmap`` the members may sample different depths, so a
-model's "skip the layers below the injection point" branch becomes a select
-that runs both sides; for hidden gates on a deep model the saving of one
-program over K runs is smaller than on the toy model.
+Depths, and what they cost. Under ``vmap`` a depth that differs between
+members turns a model's "resume at the injection point" branch into a select
+that runs every branch: for hidden gates each member then pays for the
+masked pass from every depth, and one program can cost more than K runs
+(1.15x on the toy task, docs/BENCHMARKS.md). With a ``depth_key`` the members
+share one depth per step, drawn from ``fold_in(depth_key, t)``; the depth is
+then one value for the whole program and the branch stays a branch. The
+members still differ in initialisation and gate noise; what they share is
+the order in which depths are visited (common random numbers). A member is
+then the run :func:`dmx.train.fit` makes with the same ``depth_key``.
 """
 
 from __future__ import annotations
@@ -49,37 +55,58 @@ def init_sweep(model: MaskableModel, frozen_params, probe: nn.Module,
 
 def make_sweep_step(model: MaskableModel, probe: nn.Module, config: train.DiffMaskConfig,
                     margins: Sequence[float] | None = None):
-  """The jitted step ``(states, frozen_params, batch, keys) -> (states, metrics)`` of K members.
+  """The jitted step ``(states, frozen_params, batch, keys, depth_key) -> (states, metrics)`` of K members.
 
   ``states`` and ``keys`` ``(K,)`` carry the member axis; ``batch`` and the
-  frozen parameters are shared. With ``margins`` (one per member) member k
-  trains with margin ``margins[k]``; everything else comes from ``config``.
-  Metrics come back with a leading ``(K,)`` axis.
+  frozen parameters are shared. ``depth_key``: ``None`` (each member samples
+  its depth from its own key) or the key whose ``fold_in`` with the step
+  number draws the one depth every member trains (:func:`fit_sweep`). With
+  ``margins`` (one per member) member k trains with margin ``margins[k]``;
+  everything else comes from ``config``. Metrics come back with a leading
+  ``(K,)`` axis.
   """
   step = train.make_train_step(model, probe, config)
   if margins is None:
-    return jax.jit(jax.vmap(step, in_axes=(0, None, None, 0)), donate_argnums=0)
-  margins = jnp.asarray(margins, jnp.float32)
-  if not bool(jnp.all(margins >= 0)):
-    raise ValueError(f'margins must be >= 0, got {margins.tolist()}')
-  vmapped = jax.vmap(step, in_axes=(0, None, None, 0, 0))
-  return jax.jit(lambda states, frozen, batch, keys: vmapped(states, frozen, batch, keys, margins),
-                 donate_argnums=0)
+    margins = jnp.full((), config.margin, jnp.float32)
+    margin_axis = None
+  else:
+    margins = jnp.asarray(margins, jnp.float32)
+    if not bool(jnp.all(margins >= 0)):
+      raise ValueError(f'margins must be >= 0, got {margins.tolist()}')
+    margin_axis = 0
+  vmapped = jax.vmap(step, in_axes=(0, None, None, 0, margin_axis, None))
+
+  def sweep_step(states, frozen_params, batch, keys, depth_key):
+    depth = None
+    if depth_key is not None:
+      # the depth weights do not depend on a member's state here: member 0's serve all
+      depth = train.sample_depth(jax.random.fold_in(depth_key, states.step[0]),
+                                 member(states, 0), config)
+    return vmapped(states, frozen_params, batch, keys, margins, depth)
+
+  return jax.jit(sweep_step, donate_argnums=0)
 
 
 def fit_sweep(model: MaskableModel, frozen_params, probe: nn.Module, config: train.DiffMaskConfig,
               states: train.DiffMaskState, batches: Iterator[dict], num_steps: int,
               seeds: Sequence[int], *, margins: Sequence[float] | None = None,
-              progress: bool = True, description: str = 'sweep'
-              ) -> tuple[train.DiffMaskState, dict]:
+              depth_key: jax.Array | None = None, progress: bool = True,
+              description: str = 'sweep') -> tuple[train.DiffMaskState, dict]:
   """Trains all members for ``num_steps`` shared batches.
 
   Member k's step t uses ``fold_in(run_key, t)`` with ``run_key`` from
   :func:`member_keys`, the key stream of a single ``train.fit`` run with it.
-  Returns the states and the last step's metrics (each ``(K,)``).
+  With ``depth_key`` every member trains the depth drawn from
+  ``fold_in(depth_key, t)`` at step t (see the module docstring), as
+  ``train.fit(..., depth_key=depth_key)`` does; the depth distribution must
+  then be the same for every member, so ``config.slow_converged_layers`` is
+  refused. Returns the states and the last step's metrics (each ``(K,)``).
   """
   if margins is not None and len(margins) != len(seeds):
     raise ValueError(f'{len(margins)} margins for {len(seeds)} members')
+  if depth_key is not None and config.slow_converged_layers:
+    raise ValueError('members cannot share depths with slow_converged_layers (each member '
+                     'would sample from its own depth weights); use independent depths')
   step_fn = make_sweep_step(model, probe, config, margins)
   base_keys = jnp.stack([member_keys(seed)[1] for seed in seeds])
   fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
@@ -87,7 +114,8 @@ def fit_sweep(model: MaskableModel, frozen_params, probe: nn.Module, config: tra
   first_step = int(states.step[0])
   for step in tqdm(range(first_step, first_step + num_steps), desc=description,
                    disable=not progress, unit='step'):
-    states, metrics = step_fn(states, frozen_params, next(batches), fold(base_keys, step))
+    states, metrics = step_fn(states, frozen_params, next(batches), fold(base_keys, step),
+                              depth_key)
   return states, jax.device_get(metrics)
 
 

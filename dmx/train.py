@@ -11,6 +11,7 @@ never optimised and never donated; jit the step with ``donate_argnums=0``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -239,6 +240,11 @@ def layer_logits(state: DiffMaskState, config: DiffMaskConfig) -> jax.Array:
   return jnp.log(weights)
 
 
+def sample_depth(key: jax.Array, state: DiffMaskState, config: DiffMaskConfig) -> jax.Array:
+  """The depth ``l`` (an int32 scalar) a step trains, drawn with ``key`` from :func:`layer_logits`."""
+  return jax.random.categorical(key, layer_logits(state, config))
+
+
 def masked_pass(model: MaskableModel, frozen_params, batch: dict, states: Sequence[jax.Array],
                 gate: str, gates: jax.Array, baselines: Sequence[jax.Array], layer_index):
   """The model's output with the gated state replaced by the baseline.
@@ -321,7 +327,7 @@ def make_gradient_fn(model: MaskableModel, probe: nn.Module, config: DiffMaskCon
     layer_key, gate_key = jax.random.split(key)
     outputs, states = clean_pass(model, frozen_params, batch)
     if layer_index is None:
-      layer_index = jax.random.categorical(layer_key, layer_logits(state, config))
+      layer_index = sample_depth(layer_key, state, config)
     mask = batch['mask']
     if axis_name is None:
       shard_kwargs = {}
@@ -456,7 +462,8 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
         progress: bool = True, description: str = 'diffmask', log_every: int = 500,
         mesh=None, checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1000,
-        run_info: dict | None = None) -> tuple[DiffMaskState, list[dict]]:
+        run_info: dict | None = None,
+        depth_key: jax.Array | None = None) -> tuple[DiffMaskState, list[dict]]:
   """Trains until ``state.step`` has advanced by ``num_steps``, with a progress bar.
 
   The key of step ``t`` is ``fold_in(key, t)``, so a run is reproducible from
@@ -477,6 +484,10 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
       skipped, and the result is bit-for-bit the uninterrupted run's.
     run_info: JSON-able facts outside ``config`` that a resumed run must share
       (data, batch size, model path); a checkpoint with other facts is refused.
+    depth_key: draw the depth of step ``t`` from ``fold_in(depth_key, t)``
+      (:func:`sample_depth`) instead of from the step's own key: the depth
+      schedule of a :mod:`dmx.sweep` whose members share their depths, so that
+      one member can be rerun alone. Not with ``mesh``.
 
   Returns:
     The final state and the history.
@@ -490,11 +501,15 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
     raise ValueError(f'num_steps must be >= 0, got {num_steps}')
   if checkpoint_every < 1 or log_every < 1:
     raise ValueError('checkpoint_every and log_every must be >= 1')
+  if depth_key is not None and mesh is not None:
+    raise ValueError('depth_key (a shared depth schedule) is not supported with a mesh')
   first_step = int(state.step)
   last_step = first_step + num_steps
   run_metadata = dict(diffmask_config=_jsonable_config(config), first_step=first_step,
                       last_step=last_step, key=_key_fingerprint(key),
                       run_info=json.loads(json.dumps(run_info or {})))
+  if depth_key is not None:  # absent otherwise, so older checkpoints still match
+    run_metadata['depth_key'] = _key_fingerprint(depth_key)
   history: list[dict] = []
   if checkpoint_dir is not None and checkpoints.exists(checkpoint_dir):
     state, history = _resume(checkpoint_dir, state, run_metadata)
@@ -503,7 +518,11 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
         next(batches)  # replays the batch order up to the checkpoint
 
   if mesh is None:
-    step_fn = jax.jit(make_train_step(model, probe, config), donate_argnums=0)
+    train_step = make_train_step(model, probe, config)
+    if depth_key is not None:
+      # the depth of step t from fold_in(depth_key, t), inside the one jitted call
+      train_step = functools.partial(_step_at_scheduled_depth, train_step, config)
+    step_fn = jax.jit(train_step, donate_argnums=0)
     put_batch = lambda batch: batch
   else:
     step_fn = parallel.make_parallel_train_step(model, probe, config, mesh)
@@ -526,7 +545,8 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
       batch = next(batches)
     except StopIteration:
       raise ValueError(f'batches ran out after {step - first_step} of {num_steps} steps') from None
-    state, metrics = step_fn(state, frozen_params, put_batch(batch), jax.random.fold_in(key, step))
+    step_args = (jax.random.fold_in(key, step),) + (() if depth_key is None else (depth_key,))
+    state, metrics = step_fn(state, frozen_params, put_batch(batch), *step_args)
     window.append(metrics)
     done = step + 1
     checkpoint_now = checkpoint_dir is not None and (done % checkpoint_every == 0
@@ -544,6 +564,13 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
     bar.update(1)
   bar.close()
   return state, history
+
+
+def _step_at_scheduled_depth(train_step: Callable, config: DiffMaskConfig, state: DiffMaskState,
+                             frozen_params, batch: dict, key: jax.Array, depth_key: jax.Array):
+  """``train_step`` at the depth drawn from ``fold_in(depth_key, state.step)``."""
+  depth = sample_depth(jax.random.fold_in(depth_key, state.step), state, config)
+  return train_step(state, frozen_params, batch, key, None, depth)
 
 
 def _key_fingerprint(key: jax.Array) -> list[int]:
@@ -565,7 +592,8 @@ def _resume(checkpoint_dir, state: DiffMaskState, run_metadata: dict):
     # was written, with a default that keeps the old behaviour: that run used it
     metadata['diffmask_config'] = {**_jsonable_config(DiffMaskConfig()),
                                    **metadata['diffmask_config']}
-  for name, expected in run_metadata.items():
+  # a run without a depth key must not resume one that had its own depth schedule
+  for name, expected in {'depth_key': None, **run_metadata}.items():
     if metadata.get(name) != expected:
       if name in ('diffmask_config', 'run_info') and isinstance(metadata.get(name), dict):
         differing = sorted(field for field in expected

@@ -55,11 +55,12 @@ def setup(gate='hidden', **overrides):
 
 
 def run(checkpoint_dir=None, kill_at=None, gate='hidden', key_seed=7, num_steps=NUM_STEPS,
-        **overrides):
+        depth_seed=None, **overrides):
   model, frozen, probe, config, state = setup(gate, **overrides)
+  depth_key = None if depth_seed is None else jax.random.key(depth_seed)
   return train.fit(model, frozen, probe, config, state, toy_batches(0, kill_at), num_steps,
                    jax.random.key(key_seed), progress=False, log_every=4,
-                   checkpoint_dir=checkpoint_dir, checkpoint_every=5)
+                   checkpoint_dir=checkpoint_dir, checkpoint_every=5, depth_key=depth_key)
 
 
 def assert_trees_identical(first, second):
@@ -168,6 +169,20 @@ def test_checkpoint_of_another_run_is_refused(partial):
     run(partial, key_seed=8)
   with pytest.raises(checkpoint.CheckpointError, match='different last step'):
     run(partial, num_steps=30)
+  with pytest.raises(checkpoint.CheckpointError, match='different depth key'):
+    run(partial, depth_seed=3)  # a shared depth schedule (dmx.sweep) the checkpoint did not have
+
+
+def test_run_with_a_depth_key_resumes_bit_for_bit_and_only_with_that_key(tmp_path):
+  uninterrupted, _ = run(depth_seed=3)
+  folder = tmp_path / 'checkpoint'
+  with pytest.raises(Killed):
+    run(folder, kill_at=12, depth_seed=3)
+  for depth_seed in (None, 4):
+    with pytest.raises(checkpoint.CheckpointError, match='different depth key'):
+      run(folder, depth_seed=depth_seed)
+  resumed, _ = run(folder, depth_seed=3)
+  assert_trees_identical(resumed, uninterrupted)
 
 
 def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(partial):

@@ -29,34 +29,43 @@ def batches(data):
   return endless_batches(data, 16, seed=2)
 
 
-def separate_run(model, frozen, probe, config, data, seed):
+def separate_run(model, frozen, probe, config, data, seed, depth_key=None):
   probe_key, run_key = sweep.member_keys(seed)
   params = train.init_probe_params(probe_key, model, probe, frozen, next(batches(data)))
   state = train.init_state(config, params, len(model.state_dims))
-  state, _ = train.fit(model, frozen, probe, config, state, batches(data), STEPS, run_key,
-                       progress=False)
-  return state
+  state, history = train.fit(model, frozen, probe, config, state, batches(data), STEPS, run_key,
+                             progress=False, log_every=1, depth_key=depth_key)
+  return state, history
 
 
+@pytest.mark.parametrize('shared_depths', [False, True], ids=['independent', 'shared'])
 @pytest.mark.parametrize('gate', ['input', 'hidden'])
-def test_each_member_trains_like_its_separate_run(toy, gate):
+def test_each_member_trains_like_its_separate_run(toy, gate, shared_depths):
   model, frozen, data = toy
   config = train.DiffMaskConfig(gate=gate, warmup_steps=2, probe_learning_rate=1e-2)
   probe = probes.DiffMaskProbe(gate=gate, state_dims=model.state_dims, hidden_size=8)
+  depth_key = jax.random.key(7) if shared_depths else None
   states = sweep.init_sweep(model, frozen, probe, config, next(batches(data)), SEEDS)
   assert states.step.shape == (len(SEEDS),)
   states, last_metrics = sweep.fit_sweep(model, frozen, probe, config, states, batches(data),
-                                         STEPS, SEEDS, progress=False)
+                                         STEPS, SEEDS, depth_key=depth_key, progress=False)
   assert last_metrics['loss'].shape == (len(SEEDS),)
+  depths = []
   for index, seed in enumerate(SEEDS):
-    expected = separate_run(model, frozen, probe, config, data, seed)
+    expected, history = separate_run(model, frozen, probe, config, data, seed, depth_key)
+    depths.append([int(depth) for entry in history for depth in entry['per_layer']])
     for got, want in zip(jax.tree_util.tree_leaves(sweep.member(states, index)),
                          jax.tree_util.tree_leaves(expected)):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
   # the members really differ (different seeds), so the equality above is not trivial
-  first, second = (jax.tree_util.tree_leaves(sweep.member(states, k).params.fast)[0]
+  first, second = (jax.tree_util.tree_leaves(sweep.member(states, k).params.fast)
                    for k in range(2))
-  assert np.abs(np.asarray(first) - np.asarray(second)).max() > 1e-3
+  assert max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(first, second)) > 1e-3
+  # shared depths: every member (and its separate run) visits the same depths;
+  # independent: these seeds' schedules differ, so sharing is not an accident
+  assert (depths[0] == depths[1]) == shared_depths
+  if shared_depths:
+    assert np.all(last_metrics['layer_index'] == last_metrics['layer_index'][0])
 
 
 def test_members_with_their_own_margin(toy):
@@ -68,8 +77,8 @@ def test_members_with_their_own_margin(toy):
   states, _ = sweep.fit_sweep(model, frozen, probe, config, states, batches(data), STEPS, SEEDS,
                               margins=margins, progress=False)
   for index, (seed, margin) in enumerate(zip(SEEDS, margins)):
-    expected = separate_run(model, frozen, probe, dataclasses.replace(config, margin=margin),
-                            data, seed)
+    expected, _ = separate_run(model, frozen, probe, dataclasses.replace(config, margin=margin),
+                               data, seed)
     np.testing.assert_allclose(np.asarray(states.multipliers.fast[index]),
                                np.asarray(expected.multipliers.fast), rtol=1e-5, atol=1e-6)
 
@@ -92,6 +101,11 @@ def test_sweep_errors(toy):
     sweep.init_sweep(model, frozen, probe, config, next(batches(data)), (1, 1))
   with pytest.raises(ValueError, match='margins'):
     sweep.make_sweep_step(model, probe, config, margins=(-1.0, 0.1))
+  slow = train.DiffMaskConfig(gate='hidden', slow_converged_layers=True)
+  states = sweep.init_sweep(model, frozen, probe, slow, next(batches(data)), SEEDS)
+  with pytest.raises(ValueError, match='slow_converged_layers'):
+    sweep.fit_sweep(model, frozen, probe, slow, states, batches(data), 1, SEEDS,
+                    depth_key=jax.random.key(0), progress=False)
 
 
 def test_cli_sweep_toy_writes_the_report(tmp_path, capsys):
@@ -102,6 +116,7 @@ def test_cli_sweep_toy_writes_the_report(tmp_path, capsys):
   report = json.loads((out / 'report.json').read_text())
   hidden = report['gates']['hidden']
   assert report['seeds'] == [0, 1] and len(hidden['members']) == 2
+  assert report['depths'] == 'shared'
   assert 0 <= hidden['std_of_attributions'] <= 0.5
   assert hidden['sweep_seconds'] > 0 and hidden['separate_seconds'] > 0
   assert hidden['max_keep_prob_difference_sweep_vs_separate'] < 1e-4

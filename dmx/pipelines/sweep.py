@@ -5,7 +5,8 @@
 2. for each gate, train K probes that differ in seed (and optionally margin)
    with :func:`dmx.sweep.fit_sweep`: one compiled, ``vmap``-ed step,
 3. unless ``--no-separate``, train the same K probes one after another with
-   :func:`dmx.train.fit` on the same batches and key streams, to measure the
+   :func:`dmx.train.fit` on the same batches, key streams and (by default
+   shared) depth schedule, to measure the
    cost of K separate runs and to check that each sweep member trains like
    its separate run,
 4. write ``report.json``: the spread of attributions across seeds (std over
@@ -45,6 +46,10 @@ class ToySweepConfig:
     steps: DiffMask steps per member (``None``: ``toy.diffmask_steps``).
     separate: also train the members one by one, for the cost comparison.
     data_seed: seeds the shared batch order.
+    shared_depths: the members train the same depth at each step, drawn with
+      ``depth_seed`` (:mod:`dmx.sweep`: one program then costs less than K
+      runs for hidden gates too); ``False``: each member draws its own.
+    depth_seed: seeds the shared depth schedule.
   """
   toy: toy_pipeline.ToyExperimentConfig = toy_pipeline.ToyExperimentConfig()
   seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -53,6 +58,8 @@ class ToySweepConfig:
   steps: int | None = None
   separate: bool = True
   data_seed: int = 1
+  shared_depths: bool = True
+  depth_seed: int = 2
 
   def __post_init__(self):
     if len(self.seeds) < 2:
@@ -91,7 +98,8 @@ def run_toy_sweep(config: ToySweepConfig, out_dir: str | Path, *, progress: bool
   report = {'task': 'toy', 'seeds': seeds,
             'margins': None if config.margins is None else list(config.margins),
             'steps': config.num_steps, 'devices': [str(device) for device in jax.devices()],
-            'gates': {}}
+            'depths': 'shared' if config.shared_depths else 'independent', 'gates': {}}
+  depth_key = jax.random.key(config.depth_seed) if config.shared_depths else None
   for gate in config.gates:
     dm_config = toy_pipeline.toy_diffmask_config(gate, toy.sparsity)
     probe = probes.DiffMaskProbe(gate=gate, state_dims=model.state_dims, form=toy.probe_form,
@@ -103,7 +111,8 @@ def run_toy_sweep(config: ToySweepConfig, out_dir: str | Path, *, progress: bool
     states = sweep.init_sweep(model, frozen_params, probe, dm_config, first_batch, seeds)
     states, _ = sweep.fit_sweep(model, frozen_params, probe, dm_config, states, batches(),
                                 config.num_steps, seeds, margins=config.margins,
-                                progress=progress, description=f'sweep {gate} x{len(seeds)}')
+                                depth_key=depth_key, progress=progress,
+                                description=f'sweep {gate} x{len(seeds)}')
     jax.block_until_ready(states)
     sweep_seconds = time.perf_counter() - started
     keep_probs = sweep.sweep_keep_probs(model, frozen_params, probe, dm_config, states, val_batch)
@@ -126,7 +135,7 @@ def run_toy_sweep(config: ToySweepConfig, out_dir: str | Path, *, progress: bool
         state = train.init_state(member_config, params, len(model.state_dims))
         state, _ = train.fit(model, frozen_params, probe, member_config, state, batches(),
                              config.num_steps, run_key, progress=progress,
-                             description=f'separate {gate} seed {seed}')
+                             description=f'separate {gate} seed {seed}', depth_key=depth_key)
         jax.block_until_ready(state)
         separate_states.append(state)
       separate_seconds = time.perf_counter() - started
@@ -186,6 +195,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='seed of the toy data and classifier (as dmx toy --seed)')
   parser.add_argument('--no-separate', action='store_true',
                       help='skip the K separate runs (no cost comparison)')
+  parser.add_argument('--independent-depths', action='store_true',
+                      help='each member samples its own depth at each step (default: one '
+                      'depth per step for all members; cheaper for hidden gates)')
   parser.add_argument('--tiny', action='store_true', help='a seconds-long smoke run')
   parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
 
@@ -197,4 +209,5 @@ def config_from_args(args: argparse.Namespace) -> ToySweepConfig:
   gates: Sequence[str] = probes.GATES if args.gate == 'both' else (args.gate,)
   return ToySweepConfig(toy=toy_config, seeds=tuple(args.seeds),
                         margins=None if args.margins is None else tuple(args.margins),
-                        gates=tuple(gates), steps=args.steps, separate=not args.no_separate)
+                        gates=tuple(gates), steps=args.steps, separate=not args.no_separate,
+                        shared_depths=not args.independent_depths)
