@@ -10,7 +10,7 @@ prints and plots one sentence's keep probabilities with a trained probe
 (:mod:`dmx.pipelines.explain`); ``dmx bench step --impl jax|torch`` times one
 DiffMask training step and ``dmx bench attribution`` amortised attribution
 against integrated gradients, each printing one JSON line (:mod:`dmx.bench`);
-``dmx sweep toy --seeds 0 1 2 3 4`` trains K probes in one program
+``dmx sweep toy|sst --seeds 0 1 2 3 4`` trains K probes in one program
 (:mod:`dmx.pipelines.sweep`); ``dmx compare toy --out DIR`` scores every
 attribution method on the toy task next to the paper's Table 1
 (:mod:`dmx.pipelines.compare_methods`); ``dmx compare relaxations --out DIR``
@@ -219,16 +219,24 @@ def _add_sweep_parser(subparsers) -> None:
       'toy', help='the toy task', description='Train K DiffMask probes on the toy classifier '
       'in one vmapped program; report the spread of attributions across seeds and the cost '
       'against K separate runs (report.json).'))
+  sweep.add_sst_arguments(tasks.add_parser(
+      'sst', help='a fine-tuned SST-5 classifier (the paper\'s 5-seed stability experiment)',
+      description='Train K dmx diffmask sst probes that differ in seed in one vmapped program; '
+      'report the spread of attributions across seeds, each member\'s masked fraction and '
+      'agreement, and the cost against K separate runs (report.json).'))
 
 
 def _run_sweep(args) -> int:
+  from dmx.checkpoint import CheckpointError
   from dmx.pipelines import sweep
   out = _writable_dir(args.out)
   try:
-    config = sweep.config_from_args(args)
-  except ValueError as error:
+    if args.task == 'sst':
+      sweep.run_sst_from_args(args)
+    else:
+      sweep.run_toy_sweep(sweep.config_from_args(args), out, progress=not args.no_progress)
+  except (ValueError, CheckpointError) as error:
     raise UsageError(str(error)) from None
-  sweep.run_toy_sweep(config, out, progress=not args.no_progress)
   print(f'wrote {out / "report.json"}')
   return 0
 

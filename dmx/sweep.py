@@ -21,6 +21,8 @@ then the run :func:`dmx.train.fit` makes with the same ``depth_key``.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Iterator, Sequence
 
 import flax.linen as nn
@@ -29,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dmx import attribute, train
+from dmx import attribute, probes, train
+from dmx import checkpoint as checkpoints
 from dmx.models.base import MaskableModel
 
 
@@ -40,16 +43,27 @@ def member_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 def init_sweep(model: MaskableModel, frozen_params, probe: nn.Module,
-               config: train.DiffMaskConfig, batch: dict, seeds: Sequence[int]
-               ) -> train.DiffMaskState:
-  """Stacked fresh train states, one per seed: every leaf gets a leading ``(K,)`` axis."""
+               config: train.DiffMaskConfig, batch: dict, seeds: Sequence[int],
+               input_baseline: jax.Array | None = None) -> train.DiffMaskState:
+  """Stacked fresh train states, one per seed: every leaf gets a leading ``(K,)`` axis.
+
+  ``input_baseline`` ``(hidden,)``: where the input-gate baseline starts
+  (:func:`dmx.probes.set_baseline`; ``dmx diffmask`` starts it at the
+  ``[MASK]`` embedding), the same for every member.
+  """
   if not seeds:
     raise ValueError('a sweep needs at least one seed')
   if len(set(seeds)) != len(seeds):
     raise ValueError(f'seeds must be distinct, got {list(seeds)}')
-  init = jax.jit(lambda key: train.init_probe_params(key, model, probe, frozen_params, batch))
-  states = [train.init_state(config, init(member_keys(seed)[0]), len(model.state_dims))
-            for seed in seeds]
+  # frozen parameters and batch go in as arguments: closed over, jit would bake them in
+  init = jax.jit(lambda frozen, key, batch: train.init_probe_params(key, model, probe, frozen,
+                                                                     batch))
+  states = []
+  for seed in seeds:
+    params = init(frozen_params, member_keys(seed)[0], batch)
+    if input_baseline is not None:
+      params = probes.set_baseline(params, input_baseline)
+    states.append(train.init_state(config, params, len(model.state_dims)))
   return stack_members(states)
 
 
@@ -79,7 +93,9 @@ def make_sweep_step(model: MaskableModel, probe: nn.Module, config: train.DiffMa
   def sweep_step(states, frozen_params, batch, keys, depth_key):
     depth = None
     if depth_key is not None:
-      # the depth weights do not depend on a member's state here: member 0's serve all
+      # drawn once, outside vmap, so it is one value for every member (the depth
+      # weights do not depend on a member's state here: member 0's serve all); the
+      # same draw as train_step(..., depth_key=depth_key) makes for a member alone
       depth = train.sample_depth(jax.random.fold_in(depth_key, states.step[0]),
                                  member(states, 0), config)
     return vmapped(states, frozen_params, batch, keys, margins, depth)
@@ -91,7 +107,9 @@ def fit_sweep(model: MaskableModel, frozen_params, probe: nn.Module, config: tra
               states: train.DiffMaskState, batches: Iterator[dict], num_steps: int,
               seeds: Sequence[int], *, margins: Sequence[float] | None = None,
               depth_key: jax.Array | None = None, progress: bool = True,
-              description: str = 'sweep') -> tuple[train.DiffMaskState, dict]:
+              description: str = 'sweep', checkpoint_dir: str | os.PathLike | None = None,
+              checkpoint_every: int = 1000, run_info: dict | None = None
+              ) -> tuple[train.DiffMaskState, dict]:
   """Trains all members for ``num_steps`` shared batches.
 
   Member k's step t uses ``fold_in(run_key, t)`` with ``run_key`` from
@@ -100,22 +118,46 @@ def fit_sweep(model: MaskableModel, frozen_params, probe: nn.Module, config: tra
   ``fold_in(depth_key, t)`` at step t (see the module docstring), as
   ``train.fit(..., depth_key=depth_key)`` does; the depth distribution must
   then be the same for every member, so ``config.slow_converged_layers`` is
-  refused. Returns the states and the last step's metrics (each ``(K,)``).
+  refused. With ``checkpoint_dir`` the stacked states are saved every
+  ``checkpoint_every`` steps and at the end, and a run started again resumes
+  from there bit-for-bit (a checkpoint of another sweep is an error), as in
+  :func:`dmx.train.fit`. Returns the states and the last step's metrics (each
+  ``(K,)``; empty when a finished sweep is resumed).
   """
   if margins is not None and len(margins) != len(seeds):
     raise ValueError(f'{len(margins)} margins for {len(seeds)} members')
   if depth_key is not None and config.slow_converged_layers:
     raise ValueError('members cannot share depths with slow_converged_layers (each member '
                      'would sample from its own depth weights); use independent depths')
+  if checkpoint_every < 1:
+    raise ValueError(f'checkpoint_every must be >= 1, got {checkpoint_every}')
+  first_step = int(states.step[0])
+  last_step = first_step + num_steps
+  run_metadata = dict(
+      diffmask_config=train.jsonable_config(config), first_step=first_step, last_step=last_step,
+      seeds=[int(seed) for seed in seeds],
+      margins=None if margins is None else [float(margin) for margin in margins],
+      run_info=json.loads(json.dumps(run_info or {})))
+  if depth_key is not None:
+    run_metadata['depth_key'] = train.key_fingerprint(depth_key)
+  start = first_step
+  if checkpoint_dir is not None and checkpoints.exists(checkpoint_dir):
+    states, _ = train.resume_checkpoint(checkpoint_dir, states, run_metadata)
+    start = int(states.step[0])
+    if start < last_step:
+      for _ in range(start - first_step):
+        next(batches)  # replays the batch order up to the checkpoint
   step_fn = make_sweep_step(model, probe, config, margins)
   base_keys = jnp.stack([member_keys(seed)[1] for seed in seeds])
   fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
   metrics = {}
-  first_step = int(states.step[0])
-  for step in tqdm(range(first_step, first_step + num_steps), desc=description,
-                   disable=not progress, unit='step'):
+  for step in tqdm(range(start, last_step), initial=start - first_step, total=num_steps,
+                   desc=description, disable=not progress, unit='step'):
     states, metrics = step_fn(states, frozen_params, next(batches), fold(base_keys, step),
                               depth_key)
+    done = step + 1
+    if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == last_step):
+      train.save_checkpoint(checkpoint_dir, states, run_metadata)
   return states, jax.device_get(metrics)
 
 

@@ -11,7 +11,6 @@ never optimised and never donated; jit the step with ``donate_argnums=0``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -385,7 +384,9 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
   ``margin`` (a traced scalar) replaces ``config.margin``; :mod:`dmx.sweep`
   uses it to train members with different margins in one program.
   ``layer_index`` (a traced int) trains that depth instead of sampling one;
-  :mod:`dmx.bench` uses it to time every depth in turn.
+  :mod:`dmx.bench` uses it to time every depth in turn. ``depth_key`` draws
+  the depth from ``fold_in(depth_key, state.step)`` instead of from ``key``
+  (a depth schedule of its own, which :mod:`dmx.sweep` members share).
 
   With ``axis_name`` the step runs inside ``shard_map`` over ``num_shards``
   shards of the batch (see :mod:`dmx.parallel`): the depth comes from the
@@ -408,7 +409,10 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
   def train_step(state: DiffMaskState, frozen_params, batch: dict, key: jax.Array,
-                 margin: jax.Array | float | None = None, layer_index: jax.Array | None = None):
+                 margin: jax.Array | float | None = None, layer_index: jax.Array | None = None,
+                 depth_key: jax.Array | None = None):
+    if layer_index is None and depth_key is not None:
+      layer_index = sample_depth(jax.random.fold_in(depth_key, state.step), state, config)
     loss, aux, probe_grads, multiplier_grads, layer_index = gradients(
         state, frozen_params, batch, key, margin, layer_index)
     # every shard holds the mean over its rows: the mean of the means is the
@@ -505,24 +509,20 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
     raise ValueError('depth_key (a shared depth schedule) is not supported with a mesh')
   first_step = int(state.step)
   last_step = first_step + num_steps
-  run_metadata = dict(diffmask_config=_jsonable_config(config), first_step=first_step,
-                      last_step=last_step, key=_key_fingerprint(key),
+  run_metadata = dict(diffmask_config=jsonable_config(config), first_step=first_step,
+                      last_step=last_step, key=key_fingerprint(key),
                       run_info=json.loads(json.dumps(run_info or {})))
   if depth_key is not None:  # absent otherwise, so older checkpoints still match
-    run_metadata['depth_key'] = _key_fingerprint(depth_key)
+    run_metadata['depth_key'] = key_fingerprint(depth_key)
   history: list[dict] = []
   if checkpoint_dir is not None and checkpoints.exists(checkpoint_dir):
-    state, history = _resume(checkpoint_dir, state, run_metadata)
+    state, history = resume_checkpoint(checkpoint_dir, state, run_metadata)
     if int(state.step) < last_step:  # a finished run draws no batch at all
       for _ in range(int(state.step) - first_step):
         next(batches)  # replays the batch order up to the checkpoint
 
   if mesh is None:
-    train_step = make_train_step(model, probe, config)
-    if depth_key is not None:
-      # the depth of step t from fold_in(depth_key, t), inside the one jitted call
-      train_step = functools.partial(_step_at_scheduled_depth, train_step, config)
-    step_fn = jax.jit(train_step, donate_argnums=0)
+    step_fn = jax.jit(make_train_step(model, probe, config), donate_argnums=0)
     put_batch = lambda batch: batch
   else:
     step_fn = parallel.make_parallel_train_step(model, probe, config, mesh)
@@ -530,8 +530,7 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
     put_batch = lambda batch: parallel.shard_batch(batch, mesh)
 
   def save(state, history):
-    metadata = dict(run_metadata, step=int(state.step), history=history)
-    checkpoints.save(checkpoint_dir, jax.device_get(_checkpoint_tree(state)), metadata)
+    save_checkpoint(checkpoint_dir, state, run_metadata, history)
 
   num_states = state.running_steps.shape[0]
   window: list[dict] = []
@@ -545,8 +544,12 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
       batch = next(batches)
     except StopIteration:
       raise ValueError(f'batches ran out after {step - first_step} of {num_steps} steps') from None
-    step_args = (jax.random.fold_in(key, step),) + (() if depth_key is None else (depth_key,))
-    state, metrics = step_fn(state, frozen_params, put_batch(batch), *step_args)
+    step_key = jax.random.fold_in(key, step)
+    if depth_key is None:
+      state, metrics = step_fn(state, frozen_params, put_batch(batch), step_key)
+    else:
+      state, metrics = step_fn(state, frozen_params, put_batch(batch), step_key, None, None,
+                               depth_key)
     window.append(metrics)
     done = step + 1
     checkpoint_now = checkpoint_dir is not None and (done % checkpoint_every == 0
@@ -566,31 +569,49 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
   return state, history
 
 
-def _step_at_scheduled_depth(train_step: Callable, config: DiffMaskConfig, state: DiffMaskState,
-                             frozen_params, batch: dict, key: jax.Array, depth_key: jax.Array):
-  """``train_step`` at the depth drawn from ``fold_in(depth_key, state.step)``."""
-  depth = sample_depth(jax.random.fold_in(depth_key, state.step), state, config)
-  return train_step(state, frozen_params, batch, key, None, depth)
-
-
-def _key_fingerprint(key: jax.Array) -> list[int]:
+def key_fingerprint(key: jax.Array) -> list[int]:
   """The raw bits of a PRNG key, to recognise the run a checkpoint belongs to."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   return [int(bits) for bits in np.asarray(key).ravel()]
 
 
-def _jsonable_config(config: DiffMaskConfig) -> dict:
+def jsonable_config(config: DiffMaskConfig) -> dict:
+  """``config`` as JSON-able values (what checkpoints and reports record)."""
   return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def _resume(checkpoint_dir, state: DiffMaskState, run_metadata: dict):
-  """The checkpointed state and history, after checking they belong to this run."""
+def _step_number(state: DiffMaskState) -> int:
+  """The step a state (or a :mod:`dmx.sweep`'s stacked states, all at one step) has reached."""
+  return int(np.asarray(state.step).reshape(-1)[0])
+
+
+def save_checkpoint(checkpoint_dir, state: DiffMaskState, run_metadata: dict,
+                    history: list[dict] | None = None) -> None:
+  """Saves ``state`` (or stacked sweep states) with ``run_metadata``, its step and ``history``.
+
+  :func:`resume_checkpoint` restores it only into a run with equal
+  ``run_metadata`` (config, key, step range, ...): the facts that decide
+  what the run computes.
+  """
+  metadata = dict(run_metadata, step=_step_number(state), history=history or [])
+  checkpoints.save(checkpoint_dir, jax.device_get(_checkpoint_tree(state)), metadata)
+
+
+def resume_checkpoint(checkpoint_dir, state: DiffMaskState, run_metadata: dict
+                      ) -> tuple[DiffMaskState, list[dict]]:
+  """The checkpointed state and history, after checking they belong to this run.
+
+  ``state`` gives the tree structure and shapes; ``run_metadata`` must equal
+  what :func:`save_checkpoint` was given. Raises
+  :class:`dmx.checkpoint.CheckpointError` for a checkpoint of another run or
+  an inconsistent one.
+  """
   metadata = checkpoints.read_metadata(checkpoint_dir)
   if isinstance(metadata.get('diffmask_config'), dict):
     # a field the checkpoint does not name was added to DiffMaskConfig after it
     # was written, with a default that keeps the old behaviour: that run used it
-    metadata['diffmask_config'] = {**_jsonable_config(DiffMaskConfig()),
+    metadata['diffmask_config'] = {**jsonable_config(DiffMaskConfig()),
                                    **metadata['diffmask_config']}
   # a run without a depth key must not resume one that had its own depth schedule
   for name, expected in {'depth_key': None, **run_metadata}.items():
@@ -608,9 +629,10 @@ def _resume(checkpoint_dir, state: DiffMaskState, run_metadata: dict):
           'delete it or choose another output folder')
   restored = DiffMaskState(**checkpoints.restore(checkpoint_dir,
                                                   jax.device_get(_checkpoint_tree(state))))
-  if int(restored.step) != metadata.get('step'):
+  if _step_number(restored) != metadata.get('step'):
     raise checkpoints.CheckpointError(f'checkpoint {checkpoint_dir} is inconsistent: state at '
-                                      f'step {int(restored.step)}, metadata {metadata.get("step")}')
+                                      f'step {_step_number(restored)}, metadata '
+                                      f'{metadata.get("step")}')
   return jax.tree_util.tree_map(jnp.asarray, restored), list(metadata.get('history', []))
 
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from dmx import probes, sweep, train
+from dmx import checkpoint, probes, sweep, train
 from dmx.cli import main
 from dmx.data.common import endless_batches
 from dmx.data.toy import generate_toy_data
@@ -134,3 +134,73 @@ def test_cli_sweep_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, mes
   assert code == 2
   error = capsys.readouterr().err.strip()
   assert message in error and '\n' not in error
+
+
+def sst_sweep_argv(model_folder, out, *extra) -> list[str]:
+  from tests.test_diffmask_text import SHARED_DATA  # pylint: disable=import-outside-toplevel
+  return ['sweep', 'sst', '--model', str(model_folder), '--out', str(out), '--gate', 'hidden',
+          '--data', str(SHARED_DATA), '--steps', '4', '--batch-size', '8', '--eval-batch-size',
+          '8', '--max-length', '48', '--max-train-examples', '24', '--max-eval-examples', '12',
+          '--warmup-steps', '2', '--checkpoint-every', '2', '--seeds', '0', '1', '2',
+          '--timing-steps', '1', '--no-progress', *extra]
+
+
+def test_cli_sweep_sst_reports_the_spread_and_resumes(sst_model_folder, tmp_path, capsys):
+  out = tmp_path / 'sweep_sst'
+  assert main(sst_sweep_argv(sst_model_folder, out)) == 0
+  report = json.loads((out / 'report.json').read_text())
+  assert report['seeds'] == [0, 1, 2] and report['depths'] == 'shared'
+  assert len(report['std_per_state']) == 4  # tiny BERT: h0..h3
+  assert 0 < report['std_of_attributions'] <= 0.5  # random probes of different seeds differ
+  assert report['std_of_attributions'] == pytest.approx(np.mean(list(
+      report['std_per_state'].values())))
+  for member_report in report['members']:
+    assert 0 <= member_report['masked_fraction'] <= 1 and 0 <= member_report['agreement'] <= 1
+  timing = report['timing']
+  assert timing['sweep_seconds_per_step'] > 0 and timing['separate_seconds_per_step'] > 0
+  assert 'std of attributions across seeds' in capsys.readouterr().out
+  # a finished sweep run again resumes from its checkpoint: the same members, no training
+  assert main(sst_sweep_argv(sst_model_folder, out, '--timing-steps', '0')) == 0
+  again = json.loads((out / 'report.json').read_text())
+  assert again['members'] == report['members']
+  assert again['std_per_state'] == report['std_per_state']
+  # another sweep's checkpoint is refused with one line, never silently restarted
+  assert main(sst_sweep_argv(sst_model_folder, out, '--margin', '0.5')) == 2
+  error = capsys.readouterr().err.strip()
+  assert 'belongs to another run' in error and '\n' not in error
+
+
+class Killed(Exception):
+  """Stands for the process dying between two steps."""
+
+
+def killed_at(stream, count: int):
+  """``stream``, raising ``Killed`` instead of its batch number ``count``."""
+  for index, batch in enumerate(stream):
+    if index == count:
+      raise Killed()
+    yield batch
+
+
+def test_killed_sweep_resumes_bit_for_bit(toy, tmp_path):
+  model, frozen, data = toy
+  config = train.DiffMaskConfig(gate='hidden', warmup_steps=2, probe_learning_rate=1e-2)
+  probe = probes.DiffMaskProbe(gate='hidden', state_dims=model.state_dims, hidden_size=8)
+  fresh = lambda: sweep.init_sweep(model, frozen, probe, config, next(batches(data)), SEEDS)
+  fit = lambda stream, **kwargs: sweep.fit_sweep(
+      model, frozen, probe, config, fresh(), stream, STEPS, SEEDS, depth_key=jax.random.key(7),
+      progress=False, checkpoint_every=2, **kwargs)
+  uninterrupted, _ = fit(batches(data))
+  folder = tmp_path / 'checkpoint'
+  with pytest.raises(Killed):
+    fit(killed_at(batches(data), 5), checkpoint_dir=folder)  # dies after the step-4 checkpoint
+  assert json.loads((folder / 'metadata.json').read_text())['step'] == 4
+  with pytest.raises(checkpoint.CheckpointError, match='different seeds'):
+    sweep.fit_sweep(model, frozen, probe, config,
+                    sweep.init_sweep(model, frozen, probe, config, next(batches(data)), (3, 6)),
+                    batches(data), STEPS, (3, 6), depth_key=jax.random.key(7), progress=False,
+                    checkpoint_dir=folder)
+  resumed, _ = fit(batches(data), checkpoint_dir=folder)
+  for got, want in zip(jax.tree_util.tree_leaves(resumed),
+                       jax.tree_util.tree_leaves(uninterrupted)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

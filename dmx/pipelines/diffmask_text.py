@@ -573,6 +573,13 @@ class TrainedProbe(NamedTuple):
   seconds: float
 
 
+def make_probe(config: TextDiffMaskConfig, model: BertModel) -> probes.DiffMaskProbe:
+  """The run's probe: one vote per state, the original's width (hidden size / 4) by default."""
+  state_dims = tuple(model.state_dims)
+  return probes.DiffMaskProbe(gate=config.gate, state_dims=state_dims, form=config.probe_form,
+                              hidden_size=config.probe_hidden_size or max(state_dims[0] // 4, 1))
+
+
 def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tokenizer,
                 train_features, batch_size: int, out_dir: Path, progress: bool = True,
                 log: Callable[[str], None] = print,
@@ -587,9 +594,8 @@ def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tok
   """
   dm_config = config.diffmask_config() if dm_config is None else dm_config
   state_dims = tuple(model.state_dims)
-  hidden_size = config.probe_hidden_size or max(state_dims[0] // 4, 1)
-  probe = probes.DiffMaskProbe(gate=config.gate, state_dims=state_dims, form=config.probe_form,
-                               hidden_size=hidden_size)
+  probe = make_probe(config, model)
+  hidden_size = probe.hidden_size
   if buckets is None:
     buckets = training_buckets(config, model, frozen_params, train_features, batch_size, log,
                                progress)
