@@ -529,9 +529,6 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
     state, frozen_params = parallel.replicate((state, frozen_params), mesh)
     put_batch = lambda batch: parallel.shard_batch(batch, mesh)
 
-  def save(state, history):
-    save_checkpoint(checkpoint_dir, state, run_metadata, history)
-
   num_states = state.running_steps.shape[0]
   window: list[dict] = []
   start = int(state.step)
@@ -563,7 +560,7 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
                       agree=f"{summary['agreement']:.3f}")
       window = []
     if checkpoint_now:
-      save(state, history)
+      save_checkpoint(checkpoint_dir, state, run_metadata, history)
     bar.update(1)
   bar.close()
   return state, history
