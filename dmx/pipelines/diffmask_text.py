@@ -618,7 +618,7 @@ def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tok
                              log_every=min(500, max(config.steps // 20, 50)),
                              checkpoint_dir=out_dir / TRAIN_CHECKPOINT,
                              checkpoint_every=config.checkpoint_every,
-                             run_info=_resume_fingerprint(config))
+                             run_info=resume_fingerprint(config))
   jax.block_until_ready(state.params)
   # the history's clock counts earlier invocations of a resumed run too (checkpoints
   # written before the history had a clock: this invocation's time only)
@@ -721,7 +721,7 @@ EVAL_ONLY_FIELDS = ('eval_split', 'eval_batch_size', 'max_eval_examples', 'num_h
 IN_DIFFMASK_CONFIG_FIELDS = ('relaxation',)
 
 
-def _resume_fingerprint(config: TextDiffMaskConfig) -> dict:
+def resume_fingerprint(config: TextDiffMaskConfig) -> dict:
   """The options a run resumed from ``train_checkpoint`` must share with the one that saved it."""
   fields = dataclasses.asdict(config)
   fields['model'] = str(Path(config.model).expanduser().absolute())
