@@ -181,3 +181,41 @@ def test_rerun_resumes_from_the_train_checkpoint_and_refuses_other_settings(
   assert main(other) == 2
   error = capsys.readouterr().err.strip()
   assert 'belongs to another run' in error and 'batch_size' in error and '\n' not in error
+
+
+@pytest.mark.parametrize('gate, layers, expected_depths', [('input', ['1'], [1]),
+                                                           ('hidden', ['1', '3'], [1, 3])])
+def test_layers_trains_only_those_depths_and_takes_the_headline_there(
+    sst_model_folder, tmp_path, gate, layers, expected_depths):
+  out = tmp_path / 'run'
+  argv = sst_args(sst_model_folder, out, gate, **{'--steps': '6'})
+  argv = argv[:-1] + ['--layers', *layers, '--no-progress']
+  report = diffmask_text.run_from_args(parse('sst', argv), 'sst')
+  steps = [layer['train_steps'] for layer in report['per_layer']]
+  assert sum(steps) == 6
+  assert all(count == 0 for depth, count in enumerate(steps) if depth not in expected_depths)
+  assert report['diffmask_config']['layers'] == [int(k) for k in layers]
+  for name in ('masked_fraction', 'agreement', 'macro_f1_masked', 'mean_keep_prob'):
+    expected = np.mean([report['per_layer'][depth][name] for depth in expected_depths])
+    assert report[name] == pytest.approx(expected)
+  if gate == 'input':
+    assert report['summary_depth'] == 1 and 'deepest trained depth h1' in report['summary_note']
+  else:
+    assert report['summary_depth'] == 'mean over [1, 3]'
+
+
+def test_layers_out_of_range_or_changed_on_resume_is_refused(sst_model_folder, tmp_path, capsys):
+  from dmx.cli import main  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'run'
+  base = ['diffmask', 'sst'] + sst_args(sst_model_folder, out, 'input', **{'--steps': '2'})
+  capsys.readouterr()
+  assert main(base + ['--layers', '9']) == 2
+  error = capsys.readouterr().err.strip()
+  assert 'out of range' in error and '\n' not in error
+  assert main(base + ['--layers', '-1']) == 2
+  assert '--layers' in capsys.readouterr().err
+  assert main(base + ['--layers', '2']) == 0
+  capsys.readouterr()
+  assert main(base + ['--layers', '3']) == 2
+  error = capsys.readouterr().err.strip()
+  assert 'belongs to another run' in error and 'layers' in error and '\n' not in error

@@ -103,6 +103,9 @@ class TextDiffMaskConfig:
     allow_random_head: accept a checkpoint without trained head weights (a random
       head, for smoke tests and timing only).
     dtype: the frozen model's compute dtype, ``'float32'`` or ``'bfloat16'``.
+    layers: train the probe at these depths only (``None``: every depth, the
+      paper's procedure). For input gates the depth ``l`` trains the votes of
+      layers ``0..l`` together, and the headline is taken at the deepest one.
     seed: seeds the probe initialisation, the batch order and the gate samples.
   """
   task: str
@@ -131,6 +134,7 @@ class TextDiffMaskConfig:
   checkpoint_every: int = 500
   allow_random_head: bool = False
   dtype: str = 'float32'
+  layers: tuple[int, ...] | None = None
   seed: int = 0
 
   def __post_init__(self):
@@ -190,13 +194,18 @@ class TextDiffMaskConfig:
       raise ValueError(f'--num-heatmaps must be >= 0, got {self.num_heatmap_examples}')
     if self.dtype not in ('float32', 'bfloat16'):
       raise ValueError(f"--dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    if self.layers is not None:
+      object.__setattr__(self, 'layers', tuple(sorted(set(int(k) for k in self.layers))))
+      if not self.layers or self.layers[0] < 0:
+        raise ValueError(f'--layers must name depths >= 0, got {list(self.layers)}')
 
   def diffmask_config(self) -> train.DiffMaskConfig:
     """The trainer's settings: the paper's rates, this run's gate, margin and warm-up."""
     return train.DiffMaskConfig(gate=self.gate, margin=self.margin, sparsity=self.sparsity,
                                 relaxation=self.relaxation, warmup_steps=self.warmup_steps,
                                 probe_learning_rate=self.probe_learning_rate,
-                                baseline_learning_rate=self.baseline_learning_rate)
+                                baseline_learning_rate=self.baseline_learning_rate,
+                                layers=self.layers)
 
 
 # ---------------------------------------------------------------------------
@@ -368,31 +377,48 @@ def run_evaluation(evaluator, probe_params, features, batch_size: int) -> dict:
           for name in parts[0]}
 
 
-def _summary_depth(gate: str, num_states: int) -> str | int:
-  return num_states - 1 if gate == 'input' else 'mean'
+def summary_depths(gate: str, num_states: int,
+                   layers: Sequence[int] | None = None) -> list[int]:
+  """The depths the headline numbers are taken at.
+
+  Input gates: the deepest trained depth (the input mask from the votes of
+  every layer up to it); hidden gates: every trained depth, averaged.
+  ``layers`` are the trained depths (:attr:`dmx.train.DiffMaskConfig.layers`,
+  ``None`` for all): untrained probes score nothing meaningful.
+  """
+  trained = sorted(set(layers)) if layers is not None else list(range(num_states))
+  return [trained[-1]] if gate == 'input' else trained
 
 
-def _at_summary(values: Sequence[float], gate: str) -> float:
-  """The headline value from per-depth values: deepest for input gates, mean for hidden ones."""
-  return float(values[-1]) if gate == 'input' else float(np.mean(values))
+def _summary_depth(gate: str, num_states: int, layers: Sequence[int] | None = None) -> str | int:
+  depths = summary_depths(gate, num_states, layers)
+  return depths[0] if gate == 'input' else ('mean' if layers is None else f'mean over {depths}')
 
 
-def _summary_note(gate: str, num_states: int) -> str:
+def _at_summary(per_layer: Sequence[dict], name: str, depths: Sequence[int]) -> float:
+  """The headline value of ``name``: its mean over the summary ``depths``."""
+  return float(np.mean([per_layer[depth][name] for depth in depths]))
+
+
+def _summary_note(gate: str, num_states: int, layers: Sequence[int] | None = None) -> str:
+  depths = summary_depths(gate, num_states, layers)
   if gate == 'input':
-    return (f'input gates: headline numbers at the deepest depth h{num_states - 1} (the input '
-            'mask from the votes of every layer); masked_fraction = fraction of real input '
-            'tokens masked')
-  return ('hidden gates: headline numbers are the mean over depths, each depth masked on its '
-          'own; masked_fraction = fraction of real hidden states masked')
+    which = 'deepest' if layers is None else 'deepest trained'
+    return (f'input gates: headline numbers at the {which} depth h{depths[0]} (the input '
+            'mask from the votes of every layer up to it); masked_fraction = fraction of real '
+            'input tokens masked')
+  which = 'every depth' if layers is None else f'the trained depths {depths}'
+  return (f'hidden gates: headline numbers are the mean over {which}, each depth masked on '
+          'its own; masked_fraction = fraction of real hidden states masked')
 
 
 def sst_scores(result: dict, features: sst_data.SstFeatures, gate: str,
                layers: Sequence[int] | None = None) -> dict:
   """Masked fractions, agreement and macro-F1 (all in [0, 1]) per depth and at the summary depth.
 
-  ``layers``: hidden gates trained at these depths only
-  (:attr:`dmx.train.DiffMaskConfig.layers`); the summary is then their mean,
-  not every depth's (untrained probes score nothing meaningful).
+  ``layers``: the depths the probe was trained at
+  (:attr:`dmx.train.DiffMaskConfig.layers`, ``None`` for all); the summary is
+  taken at :func:`summary_depths`.
   """
   real_tokens = features.mask.sum()
   original = result['outputs'].argmax(-1)
@@ -405,8 +431,8 @@ def sst_scores(result: dict, features: sst_data.SstFeatures, gate: str,
         agreement=float(np.mean(masked[depth] == original)),
         macro_f1_masked=metrics.macro_f1(labels, masked[depth], sst_data.NUM_CLASSES),
         mean_keep_prob=float(result['keep_prob'][depth].sum() / real_tokens)))
-  summarised = per_layer if layers is None or gate == 'input' else [per_layer[k] for k in layers]
-  pick = lambda name: _at_summary([layer[name] for layer in summarised], gate)
+  depths = summary_depths(gate, len(per_layer), layers)
+  pick = lambda name: _at_summary(per_layer, name, depths)
   return dict(masked_fraction=pick('masked_fraction'), agreement=pick('agreement'),
               macro_f1_original=metrics.macro_f1(labels, original, sst_data.NUM_CLASSES),
               macro_f1_masked=pick('macro_f1_masked'), mean_keep_prob=pick('mean_keep_prob'),
@@ -438,8 +464,12 @@ def layers_by_sentiment(result: dict, features: sst_data.SstFeatures) -> dict:
   return out
 
 
-def squad_scores(result: dict, features: squad_data.SquadFeatures, examples, gate: str) -> dict:
-  """Start/end agreement per window, EM/F1 original vs masked, per depth and at the summary."""
+def squad_scores(result: dict, features: squad_data.SquadFeatures, examples, gate: str,
+                 layers: Sequence[int] | None = None) -> dict:
+  """Start/end agreement per window, EM/F1 original vs masked, per depth and at the summary.
+
+  ``layers``: the trained depths, as in :func:`sst_scores`.
+  """
   outputs, masked_outputs = result['outputs'], result['masked_outputs']
   original = squad_data.evaluate(
       squad_data.best_spans(outputs[:, 0], outputs[:, 1], features), examples)
@@ -457,7 +487,8 @@ def squad_scores(result: dict, features: squad_data.SquadFeatures, examples, gat
         end_agreement=float(np.mean(same[:, 1])), exact_match_masked=scores['exact_match'],
         f1_masked=scores['f1'],
         mean_keep_prob=float(result['keep_prob'][depth].sum() / real_tokens)))
-  pick = lambda name: _at_summary([layer[name] for layer in per_layer], gate)
+  depths = summary_depths(gate, len(per_layer), layers)
+  pick = lambda name: _at_summary(per_layer, name, depths)
   return dict(masked_fraction=pick('masked_fraction'), agreement=pick('agreement'),
               start_agreement=pick('start_agreement'), end_agreement=pick('end_agreement'),
               exact_match_original=original['exact_match'], f1_original=original['f1'],
@@ -667,7 +698,7 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
   names = state_names(len(state_dims))
   save_keep_probabilities(out_dir / KEEP_PROB_FILE, result, eval_features, names)
   if config.task == 'sst':
-    scores = sst_scores(result, eval_features, config.gate)
+    scores = sst_scores(result, eval_features, config.gate, config.layers)
     figures = write_sst_heatmaps(out_dir, result, eval_features, tokenizer, names, config.gate,
                                  config.num_heatmap_examples)
     aggregate = layers_by_sentiment(result, eval_features)
@@ -676,7 +707,7 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
     figures.append(sentiment_figure)
     scores['layers_by_sentiment'] = aggregate
   else:
-    scores = squad_scores(result, eval_features, eval_examples, config.gate)
+    scores = squad_scores(result, eval_features, eval_examples, config.gate, config.layers)
     figures = write_squad_heatmaps(out_dir, result, eval_features, tokenizer, names, config.gate,
                                    config.num_heatmap_examples)
   for depth, layer in enumerate(scores['per_layer']):
@@ -689,8 +720,8 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
   report = {
       'task': config.task,
       'gate': config.gate,
-      'summary_depth': _summary_depth(config.gate, len(state_dims)),
-      'summary_note': _summary_note(config.gate, len(state_dims)),
+      'summary_depth': _summary_depth(config.gate, len(state_dims), config.layers),
+      'summary_note': _summary_note(config.gate, len(state_dims), config.layers),
       **scores,
       'config': jsonable(dataclasses.asdict(config)),
       'diffmask_config': jsonable(dataclasses.asdict(dm_config)),
@@ -718,7 +749,7 @@ EVAL_ONLY_FIELDS = ('eval_split', 'eval_batch_size', 'max_eval_examples', 'num_h
                     'checkpoint_every', 'clean_pass_cache_gb')
 # options the checkpoint's DiffMaskConfig already fingerprints, with defaults for
 # checkpoints written before the option existed (dmx.train fills those in)
-IN_DIFFMASK_CONFIG_FIELDS = ('relaxation',)
+IN_DIFFMASK_CONFIG_FIELDS = ('relaxation', 'layers')
 
 
 def resume_fingerprint(config: TextDiffMaskConfig) -> dict:
@@ -795,6 +826,9 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
                       help='compute dtype of the frozen model')
   parser.add_argument('--allow-random-head', action='store_true',
                       help='accept a model without a trained head (smoke tests only)')
+  parser.add_argument('--layers', type=int, nargs='+', default=None, metavar='DEPTH',
+                      help='train the probe at these depths only (default: every depth); '
+                           'input gates take the headline at the deepest one')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
 
@@ -813,7 +847,8 @@ def config_from_args(args: argparse.Namespace, task: str) -> TextDiffMaskConfig:
       probe_hidden_size=args.probe_hidden_size, num_heatmap_examples=args.num_heatmaps,
       bucket_width=args.bucket_width, clean_pass_cache_gb=args.clean_pass_cache_gb,
       checkpoint_every=args.checkpoint_every,
-      allow_random_head=args.allow_random_head, dtype=args.dtype, seed=args.seed)
+      allow_random_head=args.allow_random_head, dtype=args.dtype, layers=args.layers,
+      seed=args.seed)
 
 
 def run_from_args(args: argparse.Namespace, task: str) -> dict:

@@ -309,7 +309,7 @@ def run_sst_sweep(config, seeds: Sequence[int], out_dir: str | Path, *, timing_s
     result = diffmask_text.run_evaluation(evaluator, sweep.member(states, index).probe_params,
                                           eval_features, config.eval_batch_size)
     keep_probs.append(result['keep_prob'])
-    scores = diffmask_text.sst_scores(result, eval_features, config.gate)
+    scores = diffmask_text.sst_scores(result, eval_features, config.gate, config.layers)
     members.append(dict(seed=int(seed), **{name: scores[name] for name in (
         'masked_fraction', 'agreement', 'macro_f1_original', 'macro_f1_masked')}))
   spread = sweep.attribution_spread(np.stack(keep_probs), eval_features.mask)
