@@ -483,9 +483,11 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
       each batch split over the mesh's ``data`` axis. ``None``: one device.
     checkpoint_dir: the whole train state is saved there every
       ``checkpoint_every`` steps and at the end. If it already holds a
-      checkpoint of this run (same config, key and target step count), training
-      resumes from it: the first ``checkpoint step - state.step`` batches are
-      skipped, and the result is bit-for-bit the uninterrupted run's.
+      checkpoint of this run (same config and key), training resumes from it:
+      the first ``checkpoint step - state.step`` batches are skipped, and the
+      result is bit-for-bit the uninterrupted run's. A checkpoint of the same
+      run with fewer steps is continued (asking for more steps extends a
+      finished run); one past ``num_steps`` is refused.
     run_info: JSON-able facts outside ``config`` that a resumed run must share
       (data, batch size, model path); a checkpoint with other facts is refused.
     depth_key: draw the depth of step ``t`` from ``fold_in(depth_key, t)``
@@ -600,11 +602,20 @@ def resume_checkpoint(checkpoint_dir, state: DiffMaskState, run_metadata: dict
   """The checkpointed state and history, after checking they belong to this run.
 
   ``state`` gives the tree structure and shapes; ``run_metadata`` must equal
-  what :func:`save_checkpoint` was given. Raises
-  :class:`dmx.checkpoint.CheckpointError` for a checkpoint of another run or
-  an inconsistent one.
+  what :func:`save_checkpoint` was given, except its ``last_step``: a step
+  is a function of the step index alone (keys, depths and batches are), so a
+  checkpoint of the same run with a smaller target is the longer run's state
+  at that step, and the run continues from it. A checkpoint already past
+  ``last_step`` is refused. Raises :class:`dmx.checkpoint.CheckpointError`
+  for a checkpoint of another run or an inconsistent one.
   """
   metadata = checkpoints.read_metadata(checkpoint_dir)
+  run_metadata = dict(run_metadata)
+  last_step = run_metadata.pop('last_step', None)
+  if last_step is not None and int(metadata.get('step', -1)) > last_step:
+    raise checkpoints.CheckpointError(
+        f'checkpoint {checkpoint_dir} is at step {metadata.get("step")}, past this run\'s last '
+        f'step {last_step}; ask for at least that many steps, or choose another output folder')
   if isinstance(metadata.get('diffmask_config'), dict):
     # a field the checkpoint does not name was added to DiffMaskConfig after it
     # was written, with a default that keeps the old behaviour: that run used it

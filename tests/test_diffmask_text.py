@@ -219,3 +219,22 @@ def test_layers_out_of_range_or_changed_on_resume_is_refused(sst_model_folder, t
   assert main(base + ['--layers', '3']) == 2
   error = capsys.readouterr().err.strip()
   assert 'belongs to another run' in error and 'layers' in error and '\n' not in error
+
+
+def test_more_steps_continue_a_finished_run_as_if_it_had_asked_for_them(sst_model_folder, tmp_path,
+                                                                       capsys):
+  from dmx.cli import main  # pylint: disable=import-outside-toplevel
+  command = lambda out, steps: ['diffmask', 'sst'] + sst_args(
+      sst_model_folder, out, gate='hidden', **{'--steps': str(steps), '--checkpoint-every': '2'})
+  out = tmp_path / 'run'
+  assert main(command(out, 4)) == 0
+  assert main(command(out, 6)) == 0
+  continued = json.loads((out / 'report.json').read_text())
+  assert continued['training'][-1]['step'] == 6
+  assert main(command(tmp_path / 'fresh', 6)) == 0
+  fresh = json.loads((tmp_path / 'fresh' / 'report.json').read_text())
+  assert continued['per_layer'] == fresh['per_layer']
+  capsys.readouterr()
+  assert main(command(out, 3)) == 2  # fewer steps than the checkpoint took
+  error = capsys.readouterr().err.strip()
+  assert 'past this run' in error and '\n' not in error

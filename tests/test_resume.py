@@ -162,13 +162,27 @@ def test_process_killed_by_sigkill_resumes_bit_for_bit(tmp_path, reference):
   assert_trees_identical(resumed, reference[0])
 
 
+def test_more_steps_continue_a_finished_run_bit_for_bit(tmp_path):
+  folder = tmp_path / 'checkpoint'
+  run(folder, num_steps=12)
+  assert int(checkpoint.read_metadata(folder)['step']) == 12
+  # an endless stream that fails after 17 batches: only the 12 replayed and 5 new are drawn
+  continued, history = run(folder, num_steps=17, kill_at=17)
+  uninterrupted, uninterrupted_history = run(num_steps=17)
+  assert int(continued.step) == 17
+  assert_trees_identical(continued, uninterrupted)
+  assert history[-1]['step'] == 17 and history[-1]['divergence'] == pytest.approx(
+      uninterrupted_history[-1]['divergence'])
+  assert int(checkpoint.read_metadata(folder)['last_step']) == 17
+
+
 def test_checkpoint_of_another_run_is_refused(partial):
   with pytest.raises(checkpoint.CheckpointError, match=r'another run.*margin'):
     run(partial, margin=0.5)
   with pytest.raises(checkpoint.CheckpointError, match='different key'):
     run(partial, key_seed=8)
-  with pytest.raises(checkpoint.CheckpointError, match='different last step'):
-    run(partial, num_steps=30)
+  with pytest.raises(checkpoint.CheckpointError, match=r'at step 5, past this run.s last step 4'):
+    run(partial, num_steps=4)  # fewer steps than the checkpoint already took
   with pytest.raises(checkpoint.CheckpointError, match='different depth key'):
     run(partial, depth_seed=3)  # a shared depth schedule (dmx.sweep) the checkpoint did not have
 

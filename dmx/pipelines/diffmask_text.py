@@ -747,6 +747,9 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
 # options that only change the evaluation: a resumed run may change them
 EVAL_ONLY_FIELDS = ('eval_split', 'eval_batch_size', 'max_eval_examples', 'num_heatmap_examples',
                     'checkpoint_every', 'clean_pass_cache_gb')
+# options a resumed run may change because the trainer checks them itself:
+# more steps continue a run (dmx.train.resume_checkpoint), fewer are refused
+TRAINER_CHECKED_FIELDS = ('steps',)
 # options the checkpoint's DiffMaskConfig already fingerprints, with defaults for
 # checkpoints written before the option existed (dmx.train fills those in)
 IN_DIFFMASK_CONFIG_FIELDS = ('relaxation', 'layers')
@@ -757,7 +760,8 @@ def resume_fingerprint(config: TextDiffMaskConfig) -> dict:
   fields = dataclasses.asdict(config)
   fields['model'] = str(Path(config.model).expanduser().absolute())
   return jsonable({name: value for name, value in fields.items()
-                    if name not in EVAL_ONLY_FIELDS + IN_DIFFMASK_CONFIG_FIELDS})
+                    if name not in EVAL_ONLY_FIELDS + IN_DIFFMASK_CONFIG_FIELDS
+                    + TRAINER_CHECKED_FIELDS})
 
 
 def format_summary(report: dict) -> str:
