@@ -612,6 +612,11 @@ def resume_checkpoint(checkpoint_dir, state: DiffMaskState, run_metadata: dict
   metadata = checkpoints.read_metadata(checkpoint_dir)
   run_metadata = dict(run_metadata)
   last_step = run_metadata.pop('last_step', None)
+  saved_info, expected_info = metadata.get('run_info'), run_metadata.get('run_info') or {}
+  if (isinstance(saved_info, dict) and 'steps' in saved_info and 'steps' not in expected_info
+      and saved_info['steps'] == metadata.get('last_step', 0) - metadata.get('first_step', 0)):
+    # written when the pipelines fingerprinted their target step count too
+    metadata['run_info'] = {name: value for name, value in saved_info.items() if name != 'steps'}
   if last_step is not None and int(metadata.get('step', -1)) > last_step:
     raise checkpoints.CheckpointError(
         f'checkpoint {checkpoint_dir} is at step {metadata.get("step")}, past this run\'s last '

@@ -233,3 +233,20 @@ def test_resume_onto_a_one_device_mesh(partial, reference):
   for got, want in zip(jax.tree_util.tree_leaves(resumed),
                        jax.tree_util.tree_leaves(reference[0])):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_that_fingerprinted_its_step_count_can_be_continued(tmp_path):
+  """Pipelines once put their ``steps`` into ``run_info``; such a checkpoint still continues."""
+  folder = tmp_path / 'checkpoint'
+
+  def fit(steps, info):
+    model, frozen, probe, config, state = setup()  # a fresh state: fit donates the one it gets
+    return train.fit(model, frozen, probe, config, state, toy_batches(0), steps,
+                     jax.random.key(7), progress=False, log_every=4, checkpoint_dir=folder,
+                     checkpoint_every=5, run_info=info)
+
+  fit(10, {'data': 'toy', 'steps': 10})
+  continued, _ = fit(15, {'data': 'toy'})
+  assert_trees_identical(continued, run(num_steps=15)[0])
+  with pytest.raises(checkpoint.CheckpointError, match=r'different run \(data\)'):
+    fit(20, {'data': 'other'})
