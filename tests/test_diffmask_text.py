@@ -198,6 +198,10 @@ def test_layers_trains_only_those_depths_and_takes_the_headline_there(
   for name in ('masked_fraction', 'agreement', 'macro_f1_masked', 'mean_keep_prob'):
     expected = np.mean([report['per_layer'][depth][name] for depth in expected_depths])
     assert report[name] == pytest.approx(expected)
+  # Figure 8b counts the trained depths only (read back from JSON: NaN means are None there)
+  aggregate = json.loads((out / 'report.json').read_text())['layers_by_sentiment']
+  assert aggregate['depths'] == expected_depths
+  assert all(mean is None or 0 <= mean <= len(expected_depths) for mean in aggregate['layers_kept'])
   if gate == 'input':
     assert report['summary_depth'] == 1 and 'deepest trained depth h1' in report['summary_note']
   else:

@@ -440,19 +440,27 @@ def sst_scores(result: dict, features: sst_data.SstFeatures, gate: str,
               per_layer=per_layer)
 
 
-def layers_by_sentiment(result: dict, features: sst_data.SstFeatures) -> dict:
+def layers_by_sentiment(result: dict, features: sst_data.SstFeatures,
+                        layers: Sequence[int] | None = None) -> dict:
   """Figure 8b: mean number of depths that keep a wordpiece, by its word's sentiment label.
 
   A wordpiece inherits the label of its word (leaf); special tokens are left
   out. ``layers_kept`` counts depths whose deterministic gate is > 0,
-  ``expected_layers_kept`` sums the keep probabilities. Labels without any
-  token get NaN means and count 0.
+  ``expected_layers_kept`` sums the keep probabilities, both over the trained
+  ``layers`` (``None``: every depth; an untrained depth keeps everything and
+  would only add a constant). Labels without any token get NaN means and count 0.
   """
   rows, cols = np.nonzero(features.word_ids >= 0)
   token_labels = features.word_labels[rows, features.word_ids[rows, cols]]
-  kept = result['layers_kept'][rows, cols].astype(np.float64)
-  expected = result['keep_prob'][:, rows, cols].sum(axis=0).astype(np.float64)
+  if layers is None:
+    kept = result['layers_kept'][rows, cols].astype(np.float64)
+    expected = result['keep_prob'][:, rows, cols].sum(axis=0).astype(np.float64)
+  else:
+    depths = np.asarray(sorted(set(layers)))
+    kept = (~result['closed'][depths][:, rows, cols]).sum(axis=0).astype(np.float64)
+    expected = result['keep_prob'][depths][:, rows, cols].sum(axis=0).astype(np.float64)
   out = dict(labels=list(range(sst_data.NUM_CLASSES)), label_names=list(sst_data.LABEL_NAMES),
+             depths=None if layers is None else sorted(set(int(k) for k in layers)),
              num_tokens=[], layers_kept=[], layers_kept_sem=[], expected_layers_kept=[])
   for label in range(sst_data.NUM_CLASSES):
     chosen = token_labels == label
@@ -584,7 +592,8 @@ def write_sentiment_figure(path: Path, aggregate: dict, gate: str, num_states: i
                 fontsize=8)
   ax.set_ylim(0, num_states * 1.08)
   ax.set_xlabel('sentiment label of the token\'s word')
-  ax.set_ylabel(f'mean number of depths keeping it (of {num_states})')
+  trained = '' if aggregate.get('depths') is None else ' trained'
+  ax.set_ylabel(f'mean number of{trained} depths keeping it (of {num_states})')
   ax.set_title(f'DiffMask {gate} gates: depths that keep a token, by sentiment', fontsize=10)
   ax.legend(fontsize=8)
   viz.save_figure(fig, path)
@@ -701,9 +710,10 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
     scores = sst_scores(result, eval_features, config.gate, config.layers)
     figures = write_sst_heatmaps(out_dir, result, eval_features, tokenizer, names, config.gate,
                                  config.num_heatmap_examples)
-    aggregate = layers_by_sentiment(result, eval_features)
+    aggregate = layers_by_sentiment(result, eval_features, config.layers)
     sentiment_figure = f'layers_by_sentiment_{config.gate}.png'
-    write_sentiment_figure(out_dir / sentiment_figure, aggregate, config.gate, len(state_dims))
+    write_sentiment_figure(out_dir / sentiment_figure, aggregate, config.gate,
+                           len(aggregate['depths'] or state_dims))
     figures.append(sentiment_figure)
     scores['layers_by_sentiment'] = aggregate
   else:
