@@ -108,8 +108,8 @@ def fit_sweep(model: MaskableModel, frozen_params, probe: nn.Module, config: tra
               seeds: Sequence[int], *, margins: Sequence[float] | None = None,
               depth_key: jax.Array | None = None, progress: bool = True,
               description: str = 'sweep', checkpoint_dir: str | os.PathLike | None = None,
-              checkpoint_every: int = 1000, run_info: dict | None = None
-              ) -> tuple[train.DiffMaskState, dict]:
+              checkpoint_every: int = 1000, run_info: dict | None = None,
+              retired_run_info: Sequence[str] = ()) -> tuple[train.DiffMaskState, dict]:
   """Trains all members for ``num_steps`` shared batches.
 
   Member k's step t uses ``fold_in(run_key, t)`` with ``run_key`` from
@@ -121,7 +121,8 @@ def fit_sweep(model: MaskableModel, frozen_params, probe: nn.Module, config: tra
   refused. With ``checkpoint_dir`` the stacked states are saved every
   ``checkpoint_every`` steps and at the end, and a run started again resumes
   from there bit-for-bit (a checkpoint of another sweep is an error), as in
-  :func:`dmx.train.fit`. Returns the states and the last step's metrics (each
+  :func:`dmx.train.fit` (``run_info`` and ``retired_run_info`` as there).
+  Returns the states and the last step's metrics (each
   ``(K,)``; empty when a finished sweep is resumed).
   """
   if margins is not None and len(margins) != len(seeds):
@@ -142,7 +143,7 @@ def fit_sweep(model: MaskableModel, frozen_params, probe: nn.Module, config: tra
     run_metadata['depth_key'] = train.key_fingerprint(depth_key)
   start = first_step
   if checkpoint_dir is not None and checkpoints.exists(checkpoint_dir):
-    states, _ = train.resume_checkpoint(checkpoint_dir, states, run_metadata)
+    states, _ = train.resume_checkpoint(checkpoint_dir, states, run_metadata, retired_run_info)
     start = int(states.step[0])
     if start < last_step:
       for _ in range(start - first_step):

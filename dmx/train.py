@@ -467,7 +467,8 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
         mesh=None, checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1000,
         run_info: dict | None = None,
-        depth_key: jax.Array | None = None) -> tuple[DiffMaskState, list[dict]]:
+        depth_key: jax.Array | None = None,
+        retired_run_info: Sequence[str] = ()) -> tuple[DiffMaskState, list[dict]]:
   """Trains until ``state.step`` has advanced by ``num_steps``, with a progress bar.
 
   The key of step ``t`` is ``fold_in(key, t)``, so a run is reproducible from
@@ -490,6 +491,8 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
       finished run); one past ``num_steps`` is refused.
     run_info: JSON-able facts outside ``config`` that a resumed run must share
       (data, batch size, model path); a checkpoint with other facts is refused.
+    retired_run_info: ``run_info`` fields older checkpoints carry and this
+      caller no longer records (see :func:`resume_checkpoint`).
     depth_key: draw the depth of step ``t`` from ``fold_in(depth_key, t)``
       (:func:`sample_depth`) instead of from the step's own key: the depth
       schedule of a :mod:`dmx.sweep` whose members share their depths, so that
@@ -518,7 +521,7 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
     run_metadata['depth_key'] = key_fingerprint(depth_key)
   history: list[dict] = []
   if checkpoint_dir is not None and checkpoints.exists(checkpoint_dir):
-    state, history = resume_checkpoint(checkpoint_dir, state, run_metadata)
+    state, history = resume_checkpoint(checkpoint_dir, state, run_metadata, retired_run_info)
     if int(state.step) < last_step:  # a finished run draws no batch at all
       for _ in range(int(state.step) - first_step):
         next(batches)  # replays the batch order up to the checkpoint
@@ -597,8 +600,8 @@ def save_checkpoint(checkpoint_dir, state: DiffMaskState, run_metadata: dict,
   checkpoints.save(checkpoint_dir, jax.device_get(_checkpoint_tree(state)), metadata)
 
 
-def resume_checkpoint(checkpoint_dir, state: DiffMaskState, run_metadata: dict
-                      ) -> tuple[DiffMaskState, list[dict]]:
+def resume_checkpoint(checkpoint_dir, state: DiffMaskState, run_metadata: dict,
+                      retired_run_info: Sequence[str] = ()) -> tuple[DiffMaskState, list[dict]]:
   """The checkpointed state and history, after checking they belong to this run.
 
   ``state`` gives the tree structure and shapes; ``run_metadata`` must equal
@@ -606,17 +609,18 @@ def resume_checkpoint(checkpoint_dir, state: DiffMaskState, run_metadata: dict
   is a function of the step index alone (keys, depths and batches are), so a
   checkpoint of the same run with a smaller target is the longer run's state
   at that step, and the run continues from it. A checkpoint already past
-  ``last_step`` is refused. Raises :class:`dmx.checkpoint.CheckpointError`
-  for a checkpoint of another run or an inconsistent one.
+  ``last_step`` is refused. ``retired_run_info`` names ``run_info`` fields
+  the caller once recorded and no longer does: a checkpoint's values for them
+  are not compared. Raises :class:`dmx.checkpoint.CheckpointError` for a
+  checkpoint of another run or an inconsistent one.
   """
   metadata = checkpoints.read_metadata(checkpoint_dir)
   run_metadata = dict(run_metadata)
   last_step = run_metadata.pop('last_step', None)
-  saved_info, expected_info = metadata.get('run_info'), run_metadata.get('run_info') or {}
-  if (isinstance(saved_info, dict) and 'steps' in saved_info and 'steps' not in expected_info
-      and saved_info['steps'] == metadata.get('last_step', 0) - metadata.get('first_step', 0)):
-    # written when the pipelines fingerprinted their target step count too
-    metadata['run_info'] = {name: value for name, value in saved_info.items() if name != 'steps'}
+  if isinstance(metadata.get('run_info'), dict):
+    # fields the caller no longer fingerprints, which older checkpoints still carry
+    metadata['run_info'] = {name: value for name, value in metadata['run_info'].items()
+                            if name not in retired_run_info}
   if last_step is not None and int(metadata.get('step', -1)) > last_step:
     raise checkpoints.CheckpointError(
         f'checkpoint {checkpoint_dir} is at step {metadata.get("step")}, past this run\'s last '

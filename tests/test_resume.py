@@ -239,13 +239,16 @@ def test_checkpoint_that_fingerprinted_its_step_count_can_be_continued(tmp_path)
   """Pipelines once put their ``steps`` into ``run_info``; such a checkpoint still continues."""
   folder = tmp_path / 'checkpoint'
 
-  def fit(steps, info):
+  def fit(steps, info, retired=('steps',)):
     model, frozen, probe, config, state = setup()  # a fresh state: fit donates the one it gets
     return train.fit(model, frozen, probe, config, state, toy_batches(0), steps,
                      jax.random.key(7), progress=False, log_every=4, checkpoint_dir=folder,
-                     checkpoint_every=5, run_info=info)
+                     checkpoint_every=5, run_info=info, retired_run_info=retired)
 
-  fit(10, {'data': 'toy', 'steps': 10})
+  fit(10, {'data': 'toy', 'steps': 10}, retired=())
+  # a caller that has not retired the field still refuses it: nothing is ignored by default
+  with pytest.raises(checkpoint.CheckpointError, match=r'different run \(steps\)'):
+    fit(15, {'data': 'toy'}, retired=())
   continued, _ = fit(15, {'data': 'toy'})
   assert_trees_identical(continued, run(num_steps=15)[0])
   with pytest.raises(checkpoint.CheckpointError, match=r'different run \(data\)'):

@@ -456,11 +456,11 @@ def layers_by_sentiment(result: dict, features: sst_data.SstFeatures,
     kept = result['layers_kept'][rows, cols].astype(np.float64)
     expected = result['keep_prob'][:, rows, cols].sum(axis=0).astype(np.float64)
   else:
-    depths = np.asarray(sorted(set(layers)))
+    depths = sorted(set(int(k) for k in layers))
     kept = (~result['closed'][depths][:, rows, cols]).sum(axis=0).astype(np.float64)
     expected = result['keep_prob'][depths][:, rows, cols].sum(axis=0).astype(np.float64)
   out = dict(labels=list(range(sst_data.NUM_CLASSES)), label_names=list(sst_data.LABEL_NAMES),
-             depths=None if layers is None else sorted(set(int(k) for k in layers)),
+             depths=None if layers is None else depths,
              num_tokens=[], layers_kept=[], layers_kept_sem=[], expected_layers_kept=[])
   for label in range(sst_data.NUM_CLASSES):
     chosen = token_labels == label
@@ -658,7 +658,8 @@ def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tok
                              log_every=min(500, max(config.steps // 20, 50)),
                              checkpoint_dir=out_dir / TRAIN_CHECKPOINT,
                              checkpoint_every=config.checkpoint_every,
-                             run_info=resume_fingerprint(config))
+                             run_info=resume_fingerprint(config),
+                             retired_run_info=TRAINER_CHECKED_FIELDS)
   jax.block_until_ready(state.params)
   # the history's clock counts earlier invocations of a resumed run too (checkpoints
   # written before the history had a clock: this invocation's time only)
@@ -758,7 +759,8 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
 EVAL_ONLY_FIELDS = ('eval_split', 'eval_batch_size', 'max_eval_examples', 'num_heatmap_examples',
                     'checkpoint_every', 'clean_pass_cache_gb')
 # options a resumed run may change because the trainer checks them itself:
-# more steps continue a run (dmx.train.resume_checkpoint), fewer are refused
+# more steps continue a run (dmx.train.resume_checkpoint), fewer are refused.
+# Checkpoints written before they left the fingerprint still carry them.
 TRAINER_CHECKED_FIELDS = ('steps',)
 # options the checkpoint's DiffMaskConfig already fingerprints, with defaults for
 # checkpoints written before the option existed (dmx.train fills those in)

@@ -299,7 +299,8 @@ def run_sst_sweep(config, seeds: Sequence[int], out_dir: str | Path, *, timing_s
       depth_key=depth_key, progress=progress, description=f'sweep sst {config.gate} '
       f'x{len(seeds)}', checkpoint_dir=out_dir / SST_CHECKPOINT,
       checkpoint_every=config.checkpoint_every,
-      run_info=diffmask_text.resume_fingerprint(config))
+      run_info=diffmask_text.resume_fingerprint(config),
+      retired_run_info=diffmask_text.TRAINER_CHECKED_FIELDS)
   jax.block_until_ready(states)
   train_seconds = time.perf_counter() - train_started
 
