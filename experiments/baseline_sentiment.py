@@ -4,9 +4,10 @@ A DiffMask input gate replaces a masked word embedding by the probe's learned
 baseline vector. If that vector itself reads as, say, negative, then masking a
 negative word changes the prediction little, and the probe can mask negative
 words cheaply: the probe would keep them less for a reason that has nothing to
-do with what the model needs. This script measures the baseline on SST dev in
-two ways, for the learned baseline and for the ``[MASK]`` embedding it started
-from:
+do with what the model needs. This script measures three baselines on SST dev:
+the learned one, the ``[MASK]`` embedding it started from, and the zero vector
+(the original code's baseline unless it is run with ``--placeholder``). Each is
+measured three ways:
 
 1. every real token of every sentence replaced (``[CLS]`` and ``[SEP]``
    included): the mean predicted class distribution and the argmax counts,
@@ -58,7 +59,8 @@ def main() -> None:
     raise SystemExit(f'{folder}: a {metadata["gate"]}-gate probe; this measures input baselines')
   model, params, tokenizer = load_model(metadata)
   learned = probe.apply(probe_params, method='baseline_vectors')[0]
-  baselines = {'learned': learned, '[MASK]': mask_token_baseline(params, tokenizer)}
+  baselines = {'learned': learned, '[MASK]': mask_token_baseline(params, tokenizer),
+               'zeros': jnp.zeros_like(learned)}
   examples = sst.load_sst('dev', args.data)[:args.max_sentences]
   features = sst.encode_sst(examples, tokenizer, int(metadata['max_length']))
   clean = jax.jit(lambda params, batch: model.forward(params, batch)[0])
@@ -71,8 +73,8 @@ def main() -> None:
   labels = np.arange(num_classes)
   clean_probs = np.asarray(jax.nn.softmax(clean_logits, -1), np.float64)
   print(f'{folder}: {len(features.labels)} dev sentences; baseline norms: '
-        + ', '.join(f'{name} {float(jnp.linalg.norm(vector)):.3f}'
-                    for name, vector in baselines.items())
+        + ', '.join(f'{name} {float(jnp.linalg.norm(baselines[name])):.3f}'
+                    for name in ('learned', '[MASK]'))
         + f'; cosine(learned, [MASK]) = '
         f'{float(jnp.dot(learned, baselines["[MASK]"]) / jnp.linalg.norm(learned) / jnp.linalg.norm(baselines["[MASK]"])):.3f}')
   print(f'clean predictions per class {np.bincount(clean_logits.argmax(-1), minlength=num_classes).tolist()}, '
@@ -121,19 +123,27 @@ def main() -> None:
 
   probe_gates = jax.jit(probe_gates)
   for name, vector in baselines.items():
-    logits, masked_count = [], 0
+    logits, closed_per_sentence = [], []
     for batch, count in padded_batches(features, args.batch_size):
       gates = probe_gates(params, probe_params, batch)
       closed = (np.asarray(gates) == 0) & np.asarray(batch['mask'], bool)
-      masked_count += int(closed[:count].sum())
+      closed_per_sentence.append(closed[:count].sum(-1))
       logits.append(np.asarray(masked(params, batch, gates, vector))[:count])
     logits = np.concatenate(logits)
+    closed_per_sentence = np.concatenate(closed_per_sentence)
     probs = np.asarray(jax.nn.softmax(logits, -1), np.float64)
-    print(f'probe masks at h{depth} ({masked_count / features.mask.sum():.1%} of tokens) -> '
-          f'{name}: agreement {np.mean(logits.argmax(-1) == clean_logits.argmax(-1)):.3f}, '
+    clean_predictions, masked_predictions = clean_logits.argmax(-1), logits.argmax(-1)
+    flipped = masked_predictions != clean_predictions
+    masked_share = closed_per_sentence / features.mask.sum(-1)
+    print(f'probe masks at h{depth} ({closed_per_sentence.sum() / features.mask.sum():.1%} of '
+          f'tokens) -> {name}: agreement {1 - flipped.mean():.3f}, '
           f'mean change of E[y] {np.mean(probs @ labels - clean_expected):+.3f}, '
-          f'predictions per class {np.bincount(logits.argmax(-1), minlength=num_classes).tolist()}')
-
+          f'predictions per class {np.bincount(masked_predictions, minlength=num_classes).tolist()}')
+    print(f'  {flipped.sum()} changed predictions: from class '
+          f'{np.bincount(clean_predictions[flipped], minlength=num_classes).tolist()}, to class '
+          f'{np.bincount(masked_predictions[flipped], minlength=num_classes).tolist()}; mean share '
+          f'of a sentence masked {masked_share[flipped].mean():.3f} where the prediction changed, '
+          f'{masked_share[~flipped].mean():.3f} where it did not')
 
 if __name__ == '__main__':
   main()
