@@ -34,8 +34,7 @@ import numpy as np
 from dmx import attribute, train
 from dmx.data import sst
 from dmx.data.common import padded_batches
-from dmx.pipelines.diffmask_text import mask_token_baseline
-from dmx.pipelines.diffmask_text import summary_depths
+from dmx.pipelines.diffmask_text import mask_token_baseline, summary_depths
 from dmx.pipelines.explain import diffmask_config_from_metadata, load_model, load_probe
 
 
@@ -54,10 +53,13 @@ def main() -> None:
   parser.add_argument('--batch-size', type=int, default=64)
   args = parser.parse_args()
 
-  probe, probe_params, metadata, folder = load_probe(args.probe)
+  try:  # a missing folder or a probe without its model: one line, no traceback
+    probe, probe_params, metadata, folder = load_probe(args.probe)
+    model, params, tokenizer = load_model(metadata)
+  except ValueError as error:
+    raise SystemExit(f'error: {error}') from None
   if metadata['gate'] != 'input':
     raise SystemExit(f'{folder}: a {metadata["gate"]}-gate probe; this measures input baselines')
-  model, params, tokenizer = load_model(metadata)
   learned = probe.apply(probe_params, method='baseline_vectors')[0]
   baselines = {'learned': learned, '[MASK]': mask_token_baseline(params, tokenizer),
                'zeros': jnp.zeros_like(learned)}
@@ -71,23 +73,25 @@ def main() -> None:
                                  for batch, count in padded_batches(features, args.batch_size)])
   num_classes = clean_logits.shape[-1]
   labels = np.arange(num_classes)
+  per_class = lambda predictions: np.bincount(predictions, minlength=num_classes).tolist()
   clean_probs = np.asarray(jax.nn.softmax(clean_logits, -1), np.float64)
+  norms = {name: float(jnp.linalg.norm(baselines[name])) for name in ('learned', '[MASK]')}
+  cosine = float(jnp.dot(learned, baselines['[MASK]'])) / (norms['learned'] * norms['[MASK]'])
   print(f'{folder}: {len(features.labels)} dev sentences; baseline norms: '
-        + ', '.join(f'{name} {float(jnp.linalg.norm(baselines[name])):.3f}'
-                    for name in ('learned', '[MASK]'))
-        + f'; cosine(learned, [MASK]) = '
-        f'{float(jnp.dot(learned, baselines["[MASK]"]) / jnp.linalg.norm(learned) / jnp.linalg.norm(baselines["[MASK]"])):.3f}')
-  print(f'clean predictions per class {np.bincount(clean_logits.argmax(-1), minlength=num_classes).tolist()}, '
+        + ', '.join(f'{name} {norm:.3f}' for name, norm in norms.items())
+        + f'; cosine(learned, [MASK]) = {cosine:.3f}')
+  print(f'clean predictions per class {per_class(clean_logits.argmax(-1))}, '
         f'mean E[y] {np.mean(clean_probs @ labels):.3f}')
 
   # 1. everything replaced
   for name, vector in baselines.items():
     logits = np.concatenate([
-        np.asarray(masked(params, batch, jnp.zeros(batch['mask'].shape, jnp.float32), vector))[:count]
+        np.asarray(masked(params, batch, jnp.zeros(batch['mask'].shape, jnp.float32),
+                          vector))[:count]
         for batch, count in padded_batches(features, args.batch_size)])
     probs = np.asarray(jax.nn.softmax(logits, -1), np.float64)
     print(f'all tokens -> {name}: mean distribution {np.round(probs.mean(0), 3).tolist()}, '
-          f'predictions per class {np.bincount(logits.argmax(-1), minlength=num_classes).tolist()}, '
+          f'predictions per class {per_class(logits.argmax(-1))}, '
           f'mean E[y] {np.mean(probs @ labels):.3f}')
 
   # 2. one sentiment-bearing word piece at a time
@@ -96,7 +100,7 @@ def main() -> None:
   chosen = piece_labels != sst.NUM_CLASSES // 2
   rows, cols, piece_labels = rows[chosen], cols[chosen], piece_labels[chosen]
   print(f'{len(rows)} sentiment-bearing word pieces, per label '
-        f'{np.bincount(piece_labels, minlength=num_classes).tolist()}')
+        f'{per_class(piece_labels)}')
   clean_expected = clean_probs @ labels
   for name, vector in baselines.items():
     shifts = np.empty(len(rows))
@@ -138,10 +142,10 @@ def main() -> None:
     print(f'probe masks at h{depth} ({closed_per_sentence.sum() / features.mask.sum():.1%} of '
           f'tokens) -> {name}: agreement {1 - flipped.mean():.3f}, '
           f'mean change of E[y] {np.mean(probs @ labels - clean_expected):+.3f}, '
-          f'predictions per class {np.bincount(masked_predictions, minlength=num_classes).tolist()}')
+          f'predictions per class {per_class(masked_predictions)}')
     print(f'  {flipped.sum()} changed predictions: from class '
-          f'{np.bincount(clean_predictions[flipped], minlength=num_classes).tolist()}, to class '
-          f'{np.bincount(masked_predictions[flipped], minlength=num_classes).tolist()}; mean share '
+          f'{per_class(clean_predictions[flipped])}, to class '
+          f'{per_class(masked_predictions[flipped])}; mean share '
           f'of a sentence masked {masked_share[flipped].mean():.3f} where the prediction changed, '
           f'{masked_share[~flipped].mean():.3f} where it did not')
 
