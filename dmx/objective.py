@@ -4,9 +4,16 @@ DiffMask solves ``min_{probe, baseline} L0(z)  s.t.  D[y || y_hat] <= margin``
 through the Lagrangian ``sum_l lambda_l * (D - margin) + L0``, minimised over
 the probe and maximised over ``lambda >= 0`` (paper eq. 6). Everything here is
 a pure function of arrays, batched over the leading ``batch`` axis.
+
+The paper constrains the batch mean of the divergence, so a few sentences far
+over the margin can be paid for by many under it. :func:`tail_divergence`
+offers the stricter constraint on the mean of the worst fraction of the batch
+(its conditional value at risk), which reaches each sentence's divergence.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -105,3 +112,48 @@ def lagrangian(multiplier: jax.Array, divergence: jax.Array, margin: float,
     sparsity: ``(batch,)`` sparsity losses.
   """
   return jnp.mean(multiplier * (divergence - margin) + sparsity)
+
+
+def tail_threshold(divergence: jax.Array, tail_fraction: float) -> jax.Array:
+  """The divergence at the top ``tail_fraction`` of a batch: its value at risk.
+
+  Args:
+    divergence: ``(batch,)`` per-example divergences (every shard's, when the
+      batch is sharded: the threshold must be the global batch's).
+    tail_fraction: the fraction ``alpha`` in ``(0, 1]`` of the batch in the tail.
+
+  Returns:
+    The ``ceil(alpha * batch)``-th largest divergence, a scalar. It minimises
+    the Rockafellar–Uryasev objective of :func:`tail_divergence`, so with it
+    that function's batch mean is exactly the tail's mean.
+  """
+  if not 0.0 < tail_fraction <= 1.0:
+    raise ValueError(f'tail_fraction must lie in (0, 1], got {tail_fraction}')
+  batch = divergence.shape[0]
+  # the small tolerance keeps alpha * batch = 8.000001 from counting a 9th example
+  tail_size = min(max(math.ceil(tail_fraction * batch - 1e-6), 1), batch)
+  return jnp.sort(divergence)[batch - tail_size]
+
+
+def tail_divergence(divergence: jax.Array, threshold: jax.Array,
+                    tail_fraction: float) -> jax.Array:
+  """Per-example terms whose batch mean is the mean divergence of the batch's worst tail.
+
+  ``threshold + relu(D - threshold) / alpha``, the Rockafellar–Uryasev form of
+  the conditional value at risk: with ``threshold`` from
+  :func:`tail_threshold` (held fixed, under ``stop_gradient``), the mean over
+  the batch is the mean of the largest ``alpha * batch`` divergences (a
+  fractional example counted in part), and its gradient reaches exactly the
+  examples above the threshold, each with weight ``1 / (alpha * batch)``.
+  ``alpha = 1`` with the batch minimum as threshold gives ``D`` itself.
+  Being a mean of per-example terms, it averages over shards like ``D`` does.
+
+  Args:
+    divergence: ``(batch,)`` per-example divergences.
+    threshold: scalar, the tail's lower end.
+    tail_fraction: ``alpha`` in ``(0, 1]``.
+
+  Returns:
+    ``(batch,)`` terms to constrain in place of ``divergence``.
+  """
+  return threshold + jax.nn.relu(divergence - threshold) / tail_fraction

@@ -149,6 +149,7 @@ def test_bad_input_errors(sst_model_folder, qa_model_folder, tmp_path, minilm_to
   for option, value, message in [('--steps', '-1', 'steps'), ('--batch-size', '0', 'batch-size'),
                                  ('--max-length', '4096', 'model limit'),
                                  ('--margin', 'nan', 'margin'),
+                                 ('--divergence-tail', '0', 'divergence-tail'),
                                  ('--max-eval-examples', '0', 'max-eval-examples')]:
     with pytest.raises(ValueError, match=message):
       run('sst', sst_args(sst_model_folder, out, **{option: value}))
@@ -223,6 +224,22 @@ def test_layers_out_of_range_or_changed_on_resume_is_refused(sst_model_folder, t
   assert main(base + ['--layers', '3']) == 2
   error = capsys.readouterr().err.strip()
   assert 'belongs to another run' in error and 'layers' in error and '\n' not in error
+
+
+def test_divergence_tail_reaches_the_trainer_and_is_part_of_the_run(sst_model_folder, tmp_path,
+                                                                     capsys):
+  from dmx.cli import main  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'run'
+  base = ['diffmask', 'sst'] + sst_args(sst_model_folder, out, 'hidden', **{'--steps': '2'})
+  assert main(base + ['--divergence-tail', '0.5']) == 0
+  report = json.loads((out / 'report.json').read_text())
+  assert report['diffmask_config']['divergence_tail'] == 0.5
+  steps = report['training']
+  assert all(step['constrained_divergence'] >= step['divergence'] for step in steps)
+  capsys.readouterr()
+  assert main(base) == 2  # the batch-mean constraint cannot resume a tail-constrained run
+  error = capsys.readouterr().err.strip()
+  assert 'belongs to another run' in error and 'divergence_tail' in error and '\n' not in error
 
 
 def test_more_steps_continue_a_finished_run_as_if_it_had_asked_for_them(sst_model_folder, tmp_path,

@@ -264,3 +264,59 @@ def test_lagrangian_gradients():
                              rtol=1e-6)
   np.testing.assert_allclose(grad_divergence, np.full(4, 2.5 / 4), rtol=1e-6)
   np.testing.assert_allclose(grad_sparsity, np.full(4, 1 / 4), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# the tail (conditional value at risk) of the divergence
+# ----------------------------------------------------------------------------
+
+def _reference_tail_mean(divergence: np.ndarray, tail_fraction: float) -> float:
+  """Mean of the worst ``tail_fraction * batch`` examples, a fractional one counted in part."""
+  worst_first = np.sort(np.asarray(divergence, np.float64))[::-1]
+  weight_left, total = tail_fraction * len(worst_first), 0.0
+  for value in worst_first:
+    weight = min(1.0, weight_left)
+    total, weight_left = total + weight * value, weight_left - weight
+    if weight_left <= 1e-12:
+      break
+  return total / (tail_fraction * len(worst_first))
+
+
+@pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])
+@pytest.mark.parametrize('batch,tail_fraction', [(10, 0.25), (10, 0.3), (32, 0.25), (7, 1 / 7),
+                                                 (5, 1.0), (6, 0.5), (1, 0.3)])
+def test_tail_divergence_mean_is_the_worst_fraction_mean(use_jit, batch, tail_fraction):
+  divergence = np.random.default_rng(batch).exponential(0.05, batch).astype(np.float32)
+  divergence[:2] = divergence[0]  # a tie must not change the value
+
+  def tail_mean(values):
+    threshold = objective.tail_threshold(values, tail_fraction)
+    return objective.tail_divergence(values, threshold, tail_fraction).mean()
+
+  tail_mean = jax.jit(tail_mean) if use_jit else tail_mean
+  np.testing.assert_allclose(tail_mean(jnp.asarray(divergence)),
+                             _reference_tail_mean(divergence, tail_fraction), rtol=1e-5)
+
+
+def test_tail_divergence_gradient_reaches_only_the_tail():
+  divergence = jnp.asarray([0.01, 0.5, 0.02, 0.3, 0.0, 0.04, 0.2, 0.03])
+  tail_fraction = 0.25  # the worst 2 of 8
+  threshold = objective.tail_threshold(divergence, tail_fraction)
+  np.testing.assert_allclose(threshold, 0.3)
+  gradient = jax.grad(lambda d: objective.tail_divergence(
+      d, jax.lax.stop_gradient(objective.tail_threshold(d, tail_fraction)), tail_fraction).mean())(
+          divergence)
+  # the threshold example itself sits at the kink: relu's gradient there is 0
+  np.testing.assert_allclose(gradient, [0, 1 / 2, 0, 0, 0, 0, 0, 0], atol=1e-7)
+
+
+def test_whole_batch_tail_is_the_mean():
+  divergence = jnp.asarray([0.3, 0.1, 0.7, 0.0])
+  threshold = objective.tail_threshold(divergence, 1.0)
+  np.testing.assert_allclose(objective.tail_divergence(divergence, threshold, 1.0), divergence)
+
+
+@pytest.mark.parametrize('tail_fraction', [0.0, -0.1, 1.5])
+def test_tail_threshold_rejects_fractions_outside_zero_one(tail_fraction):
+  with pytest.raises(ValueError, match='tail_fraction'):
+    objective.tail_threshold(jnp.ones(4), tail_fraction)

@@ -17,7 +17,7 @@ import pytest
 from dmx import parallel
 
 WORKER = Path(__file__).with_name('parallel_worker.py')
-CASES = ['toy:hidden', 'toy:input', 'bert:hidden', 'bert:input']
+CASES = ['toy:hidden', 'toy:input', 'bert:hidden', 'bert:input', 'toy:hidden:tail']
 
 
 @pytest.fixture(scope='module')
@@ -30,7 +30,8 @@ def comparisons():
   assert process.returncode == 0, process.stderr[-3000:]
   results = [json.loads(line) for line in process.stdout.splitlines() if line.startswith('{')]
   assert len(results) == len(CASES)
-  return {f"{result['kind']}:{result['gate']}": result for result in results}
+  return {f"{result['kind']}:{result['gate']}" + (':tail' if result['divergence_tail'] < 1 else ''):
+          result for result in results}
 
 
 @pytest.mark.parametrize('case', CASES)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmx import probes, train
+from dmx import objective, probes, train
 from tests.conftest import tiny_toy
 
 
@@ -166,6 +166,7 @@ def test_layer_sampling_restricted_and_slowed():
     dict(gate='output'), dict(margin=-1.0), dict(divergence='l1'), dict(sparsity='l1'),
     dict(temperature=0.0), dict(stretch=(0.1, 1.0)), dict(multiplier_max=-1.0),
     dict(multiplier_init=300.0), dict(layers=()), dict(dual_optimizer='adam'),
+    dict(divergence_tail=0.0), dict(divergence_tail=1.5),
 ])
 def test_config_rejects_nonsense(overrides):
   with pytest.raises(ValueError):
@@ -211,3 +212,39 @@ def test_given_layer_index_is_trained_instead_of_a_sampled_one(toy_setup):
   _, given = step(state, frozen, batch, key, layer_index=jnp.int32(depth))
   for name in sampled:
     np.testing.assert_allclose(np.asarray(given[name]), np.asarray(sampled[name]), rtol=1e-6)
+
+
+def _per_example_divergences(model, frozen, batch, probe, state, config, key, layer_index):
+  """The divergences of one step's gate sample, example by example, from the public pieces."""
+  _, gate_key = jax.random.split(key)
+  outputs, states = train.clean_pass(model, frozen, batch)
+  vote_logits = probe.apply(state.params.fast, states)
+  baselines = probe.apply(state.params.fast, method='baseline_vectors')
+  gates, _ = probes.sample_gates(config.gate, gate_key, vote_logits, layer_index,
+                                 relaxation=config.gate_relaxation())
+  masked = train.masked_pass(model, frozen, batch, states, config.gate, gates, baselines,
+                             layer_index)
+  return np.asarray(objective.output_divergence(config.divergence, outputs, masked), np.float64)
+
+
+@pytest.mark.parametrize('gate', ['input', 'hidden'])
+def test_divergence_tail_constrains_the_worst_examples(toy_setup, gate):
+  """With ``divergence_tail`` the multiplier's gradient is the tail mean minus the margin."""
+  model, frozen, batch = toy_setup
+  key, layer_index, margin = jax.random.key(6), jnp.int32(1), 0.01
+  mean_config = train.DiffMaskConfig(gate=gate, warmup_steps=0, margin=margin)
+  tail_config = dataclasses.replace(mean_config, divergence_tail=0.25)
+  probe, state = _state(model, frozen, batch, mean_config, initial_logit=0.0)
+  divergences = _per_example_divergences(model, frozen, batch, probe, state, mean_config, key,
+                                         layer_index)
+  assert divergences.std() > 0.1 * divergences.mean() > 0  # a tail unlike the mean
+  worst_quarter = np.sort(divergences)[::-1][:len(divergences) // 4].mean()
+
+  for config, constrained in ((mean_config, divergences.mean()), (tail_config, worst_quarter)):
+    gradients = jax.jit(train.make_gradient_fn(model, probe, config))
+    _, aux, _, multiplier_grads, _ = gradients(state, frozen, batch, key, None, layer_index)
+    np.testing.assert_allclose(aux['divergence'], divergences.mean(), rtol=1e-5)
+    np.testing.assert_allclose(aux['constrained_divergence'], constrained, rtol=1e-5)
+    expected = np.zeros(len(model.state_dims))
+    expected[int(layer_index)] = constrained - margin
+    np.testing.assert_allclose(multiplier_grads, expected, rtol=1e-5, atol=1e-8)
