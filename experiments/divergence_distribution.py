@@ -24,6 +24,7 @@ train and dev rows separate what the constraint reached from what carried over.
 import argparse
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from baseline_sentiment import make_masked_outputs
@@ -35,9 +36,10 @@ from dmx.pipelines.explain import diffmask_config_from_metadata, load_model, loa
 
 
 def tail_mean(values: np.ndarray, fraction: float) -> float:
-  """Mean of the largest ``ceil(fraction * n)`` values."""
-  count = max(int(np.ceil(fraction * len(values) - 1e-9)), 1)
-  return float(np.sort(values)[::-1][:count].mean())
+  """Mean of the worst ``fraction`` of ``values``: what ``--divergence-tail`` bounds per batch."""
+  values = jnp.asarray(values)
+  threshold = objective.tail_threshold(values, fraction)
+  return float(objective.tail_divergence(values, threshold, fraction).mean())
 
 
 def main() -> None:
