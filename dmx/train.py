@@ -493,7 +493,9 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
         checkpoint_every: int = 1000,
         run_info: dict | None = None,
         depth_key: jax.Array | None = None,
-        retired_run_info: Sequence[str] = ()) -> tuple[DiffMaskState, list[dict]]:
+        retired_run_info: Sequence[str] = (),
+        validate: Callable[[DiffMaskState], dict] | None = None,
+        validate_every: int | None = None) -> tuple[DiffMaskState, list[dict]]:
   """Trains until ``state.step`` has advanced by ``num_steps``, with a progress bar.
 
   The key of step ``t`` is ``fold_in(key, t)``, so a run is reproducible from
@@ -522,6 +524,11 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
       (:func:`sample_depth`) instead of from the step's own key: the depth
       schedule of a :mod:`dmx.sweep` whose members share their depths, so that
       one member can be rerun alone. Not with ``mesh``.
+    validate: called with the state every ``validate_every`` steps (default
+      ``checkpoint_every``) and at the last step, before that step's
+      checkpoint is written; its JSON-able dict is stored under
+      ``'validation'`` in that step's history entry (a held-out evaluation,
+      checkpoint selection). Not called again for steps a resumed run restored.
 
   Returns:
     The final state and the history.
@@ -533,8 +540,9 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
   from dmx import parallel  # pylint: disable=import-outside-toplevel  (parallel imports train)
   if num_steps < 0:
     raise ValueError(f'num_steps must be >= 0, got {num_steps}')
-  if checkpoint_every < 1 or log_every < 1:
-    raise ValueError('checkpoint_every and log_every must be >= 1')
+  validate_every = checkpoint_every if validate_every is None else validate_every
+  if checkpoint_every < 1 or log_every < 1 or validate_every < 1:
+    raise ValueError('checkpoint_every, log_every and validate_every must be >= 1')
   if depth_key is not None and mesh is not None:
     raise ValueError('depth_key (a shared depth schedule) is not supported with a mesh')
   first_step = int(state.step)
@@ -581,7 +589,8 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
     done = step + 1
     checkpoint_now = checkpoint_dir is not None and (done % checkpoint_every == 0
                                                      or done == last_step)
-    if done % log_every == 0 or done == last_step or checkpoint_now:
+    validate_now = validate is not None and (done % validate_every == 0 or done == last_step)
+    if done % log_every == 0 or done == last_step or checkpoint_now or validate_now:
       summary = _summarise(jax.device_get(window), num_states)
       summary['step'] = done
       summary['seconds'] = earlier_seconds + _clock() - started
@@ -589,6 +598,8 @@ def fit(model: MaskableModel, frozen_params, probe: nn.Module, config: DiffMaskC
       bar.set_postfix(div=f"{summary['divergence']:.3f}", keep=f"{summary['keep_fraction']:.2f}",
                       agree=f"{summary['agreement']:.3f}")
       window = []
+    if validate_now:
+      history[-1]['validation'] = validate(state)
     if checkpoint_now:
       save_checkpoint(checkpoint_dir, state, run_metadata, history)
     bar.update(1)

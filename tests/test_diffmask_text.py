@@ -259,3 +259,117 @@ def test_more_steps_continue_a_finished_run_as_if_it_had_asked_for_them(sst_mode
   assert main(command(out, 3)) == 2  # fewer steps than the checkpoint took
   error = capsys.readouterr().err.strip()
   assert 'past this run' in error and '\n' not in error
+
+
+
+def independent_scores(config, probe_folder, features) -> dict:
+  """Pooled masked fraction and agreement of a saved probe, through ``attribute.masked_agreement``.
+
+  A path apart from the pipeline's evaluator: one batch, the trained depth only.
+  """
+  from dmx import attribute, train  # pylint: disable=import-outside-toplevel
+  model, frozen_params, _ = diffmask_text.load_frozen_model(config)
+  probe = diffmask_text.make_probe(config, model)
+  batch = features.as_batch()
+  template = train.init_probe_params(jax.random.key(0), model, probe, frozen_params, batch)
+  probe_params = checkpoint.restore(probe_folder, template)
+  scores = attribute.masked_agreement(model, frozen_params, probe, probe_params,
+                                      config.diffmask_config(), batch, config.layers[-1])
+  lengths = features.mask.sum(axis=1)
+  return dict(agreement=float(np.mean(scores['agreement'])),
+              masked_fraction=float(np.sum(np.asarray(scores['masked_fraction']) * lengths)
+                                    / lengths.sum()))
+
+
+# a learning rate at which the tiny random model's held-out scores move between checkpoints
+SELECTION_OPTIONS = {'--steps': '8', '--checkpoint-every': '2', '--validation-sentences': '10',
+                     '--probe-learning-rate': '0.003', '--select-agreement': '0.5'}
+
+
+def selection_args(model_folder, out, **extra) -> list[str]:
+  argv = sst_args(model_folder, out, 'input', **{**SELECTION_OPTIONS, **extra})
+  return argv[:-1] + ['--layers', '3', '--no-progress']
+
+
+@pytest.mark.parametrize('bar', ['0', '1'])  # every probe meets it / (on this model) none does
+def test_held_out_selection_reports_the_sparsest_probe_above_the_bar(sst_model_folder, tmp_path,
+                                                                    bar):
+  out = tmp_path / 'run'
+  args = parse('sst', selection_args(sst_model_folder, out, **{'--select-agreement': bar}))
+  report = diffmask_text.run_from_args(args, 'sst')
+  config = diffmask_text.config_from_args(args, 'sst')
+  assert report['data']['num_train_sequences'] == 24 - 10  # held out of the probe's training
+  validations = [entry['validation'] for entry in report['training'] if 'validation' in entry]
+  assert [entry['step'] for entry in validations] == [2, 4, 6, 8]
+  # the rule, restated: most masking among the probes at or above the bar, else most
+  # agreement; the earliest on ties
+  above = [entry for entry in validations if entry['agreement'] >= float(bar)]
+  expected = (max(above, key=lambda entry: (entry['masked_fraction'], -entry['step'])) if above
+              else max(validations, key=lambda entry: (entry['agreement'], -entry['step'])))
+  selection = report['selection']
+  assert selection['selected_step'] == expected['step']
+  assert selection['meets_bar'] == bool(above)
+  assert selection['final_step'] == 8 and selection['final_validation'] == validations[-1]
+  # the saved probe is the kept one: its held-out scores, recomputed another way, match
+  model_tokenizer = diffmask_text.load_frozen_model(config)[2]
+  train_features, _, eval_features = diffmask_text.load_task_data(config, model_tokenizer)
+  _, held_out = diffmask_text.hold_out(train_features, 10)
+  recomputed = independent_scores(config, out / 'probe_input', held_out)
+  assert recomputed['agreement'] == pytest.approx(expected['agreement'], abs=1e-6)
+  assert recomputed['masked_fraction'] == pytest.approx(expected['masked_fraction'], abs=1e-6)
+  # and the headline is that probe on the evaluation split
+  headline = independent_scores(config, out / 'probe_input', eval_features)
+  assert report['agreement'] == pytest.approx(headline['agreement'], abs=1e-6)
+  assert report['masked_fraction'] == pytest.approx(headline['masked_fraction'], abs=1e-6)
+  if expected['step'] != 8:
+    assert set(selection['final_iterate']) == {'masked_fraction', 'agreement', 'macro_f1_masked'}
+  assert 'validation_input.png' in report['files']['figures']
+  assert (out / 'validation_input.png').stat().st_size > 0
+
+
+def test_selection_rank_orders_probes_by_the_bar_then_masking():
+  rank = lambda agreement, masked: diffmask_text.selection_rank(
+      dict(agreement=agreement, masked_fraction=masked), 0.9)
+  assert rank(0.91, 0.2) > rank(0.89, 0.9)  # at the bar beats any masking below it
+  assert rank(0.91, 0.5) > rank(0.99, 0.4)  # above the bar: masking decides
+  assert rank(0.88, 0.1) > rank(0.85, 0.9)  # below it: agreement decides
+  assert rank(0.90, 0.3) > rank(0.899, 0.3)  # the bar itself counts as met
+
+
+def test_interrupted_selection_resumes_to_the_same_probe(sst_model_folder, tmp_path):
+  from dmx.cli import main  # pylint: disable=import-outside-toplevel
+  whole, parts = tmp_path / 'whole', tmp_path / 'parts'
+  assert main(['diffmask', 'sst'] + selection_args(sst_model_folder, whole)) == 0
+  assert main(['diffmask', 'sst'] + selection_args(sst_model_folder, parts,
+                                                   **{'--steps': '4'})) == 0
+  assert main(['diffmask', 'sst'] + selection_args(sst_model_folder, parts)) == 0
+  first = json.loads((whole / 'report.json').read_text())
+  second = json.loads((parts / 'report.json').read_text())
+  assert second['selection'] == first['selection']
+  assert second['per_layer'] == first['per_layer']
+
+
+def test_selection_options_that_make_no_sense_are_refused(sst_model_folder, tmp_path, capsys):
+  from dmx.cli import main  # pylint: disable=import-outside-toplevel
+  base = ['diffmask', 'sst'] + sst_args(sst_model_folder, tmp_path / 'run', 'input')
+  capsys.readouterr()
+  for extra, expected in ((['--select-agreement', '0.9'], '--validation-sentences'),
+                          (['--validation-sentences', '4', '--select-agreement', '1.5'],
+                           '--select-agreement must lie in [0, 1]'),
+                          (['--validate-every', '2'], '--validation-sentences'),
+                          (['--validation-sentences', '24'], 'leaves no training sentences')):
+    assert main(base + extra) == 2, extra
+    error = capsys.readouterr().err.strip()
+    assert expected in error and '\n' not in error, error
+  with pytest.raises(ValueError, match='only offered for sst'):
+    diffmask_text.TextDiffMaskConfig(task='squad', model='unused', validation_sentences=5)
+  # a run without selection cannot resume one with it
+  with_selection = ['diffmask', 'sst'] + selection_args(sst_model_folder, tmp_path / 'sel',
+                                                        **{'--steps': '2'})
+  assert main(with_selection) == 0
+  without = [item for item in with_selection if item not in ('--select-agreement', '0.5')]
+  assert len(without) == len(with_selection) - 2
+  capsys.readouterr()
+  assert main(without) == 2
+  error = capsys.readouterr().err.strip()
+  assert 'belongs to another run' in error and 'select_agreement' in error

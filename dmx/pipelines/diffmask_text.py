@@ -14,6 +14,17 @@
    paper's Figures 7 and 9), for SST the Figure 8b aggregate, and the probe
    checkpoint ``probe_<gate>/`` that :mod:`dmx.checkpoint` restores.
 
+Checkpoint selection (SST, ``--validation-sentences N --select-agreement A``):
+``N`` training sentences are held out (the same ones for every seed) and the
+probe never trains on them. Every ``--validate-every`` steps the probe is
+scored on them as on the evaluation split, and the report, the heatmaps and
+``probe_<gate>/`` use the probe with the most masking among those whose
+held-out agreement is at least ``A`` (the highest agreement when none
+reaches it, flagged in the report). The original selects its checkpoints the
+same way (lowest L0 among those meeting an agreement and a divergence bar),
+on the dev set it reports; here the selection never sees the evaluation
+split. The final iterate's evaluation is in the report too.
+
 The headline numbers of the report (``masked_fraction``, ``agreement``,
 ``macro_f1_masked`` / ``exact_match_masked``...) are taken at
 ``report['summary_depth']``: for input gates the deepest depth ``h_{L+1}``
@@ -36,6 +47,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -68,6 +80,9 @@ TRAIN_SPLITS = {'sst': ('train', 'dev', 'test'), 'squad': ('train', 'dev')}
 REPORT_FILE = 'report.json'
 KEEP_PROB_FILE = 'keep_prob.npz'
 TRAIN_CHECKPOINT = 'train_checkpoint'
+SELECTED_CHECKPOINT = 'selected_probe'
+# the held-out sentences are drawn with their own seed: the same for every probe seed
+VALIDATION_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +125,13 @@ class TextDiffMaskConfig:
       paper's procedure). For input gates the depth ``l`` trains the votes of
       layers ``0..l`` together, and the headline is taken at the deepest one.
     seed: seeds the probe initialisation, the batch order and the gate samples.
+    validation_sentences: SST training sentences held out from the probe's
+      training to score it on (0: none); chosen by a fixed seed, not ``seed``.
+    select_agreement: keep the probe with the most masking whose held-out
+      agreement is at least this (``None``: the final iterate). Needs
+      ``validation_sentences``.
+    validate_every: score on the held-out sentences every so many steps
+      (default ``checkpoint_every``).
   """
   task: str
   model: str
@@ -140,6 +162,9 @@ class TextDiffMaskConfig:
   dtype: str = 'float32'
   layers: tuple[int, ...] | None = None
   seed: int = 0
+  validation_sentences: int = 0
+  select_agreement: float | None = None
+  validate_every: int | None = None
 
   def __post_init__(self):
     if self.task not in TASKS:
@@ -204,6 +229,22 @@ class TextDiffMaskConfig:
       object.__setattr__(self, 'layers', tuple(sorted(set(int(k) for k in self.layers))))
       if not self.layers or self.layers[0] < 0:
         raise ValueError(f'--layers must name depths >= 0, got {list(self.layers)}')
+    if self.validation_sentences < 0:
+      raise ValueError(f'--validation-sentences must be >= 0, got {self.validation_sentences}')
+    if self.validation_sentences and self.task != 'sst':
+      raise ValueError('--validation-sentences is only offered for sst')
+    if self.select_agreement is not None:
+      if not 0.0 <= self.select_agreement <= 1.0:
+        raise ValueError(f'--select-agreement must lie in [0, 1], got {self.select_agreement}')
+      if not self.validation_sentences:
+        raise ValueError('--select-agreement needs held-out sentences: pass '
+                         '--validation-sentences N')
+    if self.validate_every is not None:
+      if self.validate_every < 1:
+        raise ValueError(f'--validate-every must be >= 1, got {self.validate_every}')
+      if not self.validation_sentences:
+        raise ValueError('--validate-every needs held-out sentences: pass '
+                         '--validation-sentences N')
 
   def diffmask_config(self) -> train.DiffMaskConfig:
     """The trainer's settings: the paper's rates, this run's gate, margin and warm-up."""
@@ -284,6 +325,19 @@ def load_task_data(config: TextDiffMaskConfig, tokenizer):
   return encode(train_examples), eval_examples, encode(eval_examples)
 
 
+def hold_out(features, count: int):
+  """``(training, held_out)`` features: ``count`` sequences drawn by :data:`VALIDATION_SEED`.
+
+  Both parts keep the split's order. Raises ValueError when nothing would be
+  left to train on.
+  """
+  if count >= len(features):
+    raise ValueError(f'--validation-sentences {count} leaves no training sentences (the '
+                     f'training split has {len(features)})')
+  order = np.random.default_rng(VALIDATION_SEED).permutation(len(features))
+  return features.take(np.sort(order[count:])), features.take(np.sort(order[:count]))
+
+
 def mask_token_baseline(params, tokenizer) -> jax.Array:
   """The ``(hidden,)`` word embedding of ``[MASK]``: the input-gate baseline's start."""
   return params['embeddings']['word_embeddings']['embedding'][tokenizer.mask_token_id]
@@ -342,15 +396,19 @@ def training_buckets(config: TextDiffMaskConfig, model: BertModel, frozen_params
 # Evaluation with the deterministic gates
 
 
-def make_evaluator(model: BertModel, frozen_params, probe, dm_config: train.DiffMaskConfig):
+def make_evaluator(model: BertModel, frozen_params, probe, dm_config: train.DiffMaskConfig,
+                   depths: Sequence[int] | None = None):
   """A ``(probe_params, batch) -> dict`` of arrays for one batch (jitted, one compilation).
 
   The dict holds ``outputs`` ``(B, ...)``, ``masked_outputs`` ``(K, B, ...)``
   (the model rerun with the deterministic gates of each depth ``k``),
   ``keep_prob`` ``(K, B, S)``, ``closed`` ``(K, B, S)`` (real tokens whose gate
-  is 0) and ``layers_kept`` ``(B, S)`` (depths whose gate is > 0).
+  is 0) and ``layers_kept`` ``(B, S)`` (depths whose gate is > 0). With
+  ``depths``, ``masked_outputs`` and ``closed`` cover those depths only, in
+  that order (one masked pass each instead of one per state).
   """
   num_states = len(model.state_dims)
+  depths = jnp.arange(num_states) if depths is None else jnp.asarray(depths, jnp.int32)
 
   def evaluate(frozen, probe_params, batch):
     outputs, states = model.forward(frozen, batch)  # the one clean pass
@@ -363,9 +421,9 @@ def make_evaluator(model: BertModel, frozen_params, probe, dm_config: train.Diff
       return train.masked_pass(model, frozen, batch, states, dm_config.gate, gates[depth],
                                baselines, depth)
 
-    masked_outputs = jax.lax.map(masked_at, jnp.arange(num_states))
+    masked_outputs = jax.lax.map(masked_at, depths)
     return dict(outputs=outputs, masked_outputs=masked_outputs, keep_prob=keep_prob,
-                closed=(gates == 0) & real,
+                closed=(gates[depths] == 0) & real,
                 layers_kept=jnp.sum(gates > 0, axis=0).astype(jnp.int32))
 
   compiled = jax.jit(evaluate)  # frozen parameters as an argument, not baked-in constants
@@ -611,13 +669,88 @@ def write_sentiment_figure(path: Path, aggregate: dict, gate: str, num_states: i
 
 
 class TrainedProbe(NamedTuple):
-  """What :func:`train_probe` returns: the probe module, its trainer settings and final state."""
+  """What :func:`train_probe` returns: the probe module, its trainer settings and final state.
+
+  ``probe_params`` are the parameters to report: the final state's, or the
+  selected ones (:class:`ProbeSelection`), whose step is ``selected_step``.
+  """
   probe: probes.DiffMaskProbe
   config: train.DiffMaskConfig
   initial_probe_params: Any
   state: train.DiffMaskState
   history: list
   seconds: float
+  probe_params: Any = None
+  selected_step: int | None = None
+
+
+def selection_rank(scores: dict, agreement_bar: float) -> tuple[bool, float]:
+  """Orders held-out ``scores``: at or above ``agreement_bar`` first, by masking; else by agreement."""
+  meets = scores['agreement'] >= agreement_bar
+  return meets, scores['masked_fraction'] if meets else scores['agreement']
+
+
+class ProbeSelection:
+  """Scores the probe on held-out SST sentences during training and keeps the best one.
+
+  An instance is the ``validate`` hook of :func:`dmx.train.fit`. Each call
+  evaluates the probe's deterministic gates on the held-out features exactly
+  as the evaluation split is scored (:func:`sst_scores`, headline depths) and
+  returns ``masked_fraction``, ``agreement``, ``macro_f1_masked`` and
+  ``step``. With an ``agreement_bar``, a probe replaces the kept one when it
+  ranks higher: any probe at or above the bar ranks above every probe below
+  it; above the bar more masking ranks higher, below it more agreement
+  (:func:`selection_rank`; ties keep the earlier probe). The kept probe is saved to
+  ``out_dir/selected_probe`` at once, so a resumed run continues the
+  selection where the interrupted one left it.
+  """
+
+  def __init__(self, config: TextDiffMaskConfig, model: BertModel, frozen_params, features,
+               out_dir: Path, log: Callable[[str], None] = print):
+    self.config = config
+    depths = summary_depths(config.gate, len(model.state_dims), config.layers)
+    self.evaluator = make_evaluator(model, frozen_params, make_probe(config, model),
+                                    config.diffmask_config(), depths)
+    self.features = features
+    self.path = Path(out_dir) / SELECTED_CHECKPOINT
+    self.agreement_bar = config.select_agreement
+    self.log = log
+    self.best: dict | None = None
+    if checkpoint.exists(self.path):
+      if checkpoint.exists(Path(out_dir) / TRAIN_CHECKPOINT):
+        self.best = checkpoint.read_metadata(self.path)['validation']
+      else:  # left by another run in this folder: the training starts afresh, so does this
+        log(f'{self.path} has no train checkpoint beside it: starting the selection afresh')
+        shutil.rmtree(self.path)
+
+  def score(self, probe_params) -> dict:
+    """Held-out ``masked_fraction``, ``agreement`` and ``macro_f1_masked`` of ``probe_params``."""
+    result = run_evaluation(self.evaluator, probe_params, self.features,
+                            self.config.eval_batch_size)
+    # the evaluator masks the headline depths only: their summary is the one over all it returns
+    scores = sst_scores(result, self.features, self.config.gate, layers=None)
+    return {name: scores[name] for name in ('masked_fraction', 'agreement', 'macro_f1_masked')}
+
+  def __call__(self, state: train.DiffMaskState) -> dict:
+    scores = dict(self.score(state.probe_params), step=int(state.step))
+    if self.agreement_bar is not None and (
+        self.best is None or selection_rank(scores, self.agreement_bar)
+        > selection_rank(self.best, self.agreement_bar)):
+      checkpoint.save(self.path, jax.device_get(state.probe_params),
+                      dict(validation=scores, agreement_bar=self.agreement_bar))
+      self.best = scores
+    self.log(f"held-out step {scores['step']}: masked {scores['masked_fraction']:.3f}, "
+             f"agreement {scores['agreement']:.3f}"
+             + ('' if self.best is None else f" (kept: step {self.best['step']})"))
+    return scores
+
+  @property
+  def meets_bar(self) -> bool:
+    return self.best is not None and self.best['agreement'] >= self.agreement_bar
+
+  def selected_params(self, template):
+    """The kept probe's parameters (``template``: any probe parameters of the same shapes)."""
+    return checkpoint.restore(self.path, template)
 
 
 def make_probe(config: TextDiffMaskConfig, model: BertModel) -> probes.DiffMaskProbe:
@@ -631,13 +764,17 @@ def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tok
                 train_features, batch_size: int, out_dir: Path, progress: bool = True,
                 log: Callable[[str], None] = print,
                 dm_config: train.DiffMaskConfig | None = None,
-                buckets: list[dict] | None = None) -> TrainedProbe:
+                buckets: list[dict] | None = None,
+                selection: ProbeSelection | None = None) -> TrainedProbe:
   """Trains the run's probe (resuming ``out_dir/train_checkpoint``) and saves ``probe_<gate>/``.
 
   ``dm_config`` replaces ``config.diffmask_config()`` (settings the command
   line does not offer, such as a relaxation's own parameters). ``buckets``:
   :func:`training_buckets` of ``train_features`` already computed (for several
-  probes on the same data); computed here when ``None``.
+  probes on the same data); computed here when ``None``. ``selection``
+  scores the probe on held-out sentences every ``config.validate_every``
+  steps; with ``config.select_agreement`` its kept probe is the one saved
+  and returned.
   """
   dm_config = config.diffmask_config() if dm_config is None else dm_config
   state_dims = tuple(model.state_dims)
@@ -666,19 +803,25 @@ def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tok
                              checkpoint_dir=out_dir / TRAIN_CHECKPOINT,
                              checkpoint_every=config.checkpoint_every,
                              run_info=resume_fingerprint(config),
-                             retired_run_info=TRAINER_CHECKED_FIELDS)
+                             retired_run_info=TRAINER_CHECKED_FIELDS, validate=selection,
+                             validate_every=config.validate_every)
   jax.block_until_ready(state.params)
+  probe_params, selected_step = state.probe_params, None
+  if selection is not None and selection.best is not None:
+    probe_params = selection.selected_params(state.probe_params)
+    selected_step = selection.best['step']
   # the history's clock counts earlier invocations of a resumed run too (checkpoints
   # written before the history had a clock: this invocation's time only)
   seconds = (history[-1]['seconds'] if history and 'seconds' in history[-1]
              else time.time() - train_started)
-  checkpoint.save(out_dir / f'probe_{config.gate}', state.probe_params, dict(
+  checkpoint.save(out_dir / f'probe_{config.gate}', probe_params, dict(
       task=config.task, gate=config.gate, form=config.probe_form, hidden_size=hidden_size,
       initial_logit=probe.initial_logit, state_dims=list(state_dims),
       model=str(Path(config.model).expanduser().absolute()), head=TASK_HEADS[config.task],
-      max_length=config.max_length, steps=int(state.step),
+      max_length=config.max_length, steps=int(state.step), selected_step=selected_step,
       diffmask_config=jsonable(dataclasses.asdict(dm_config))))
-  return TrainedProbe(probe, dm_config, initial_probe_params, state, history, seconds)
+  return TrainedProbe(probe, dm_config, initial_probe_params, state, history, seconds,
+                      probe_params, selected_step)
 
 
 def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progress: bool = True,
@@ -694,6 +837,10 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
   started = time.time()
   model, frozen_params, tokenizer = load_frozen_model(config, log)
   train_features, eval_examples, eval_features = load_task_data(config, tokenizer)
+  held_out = None
+  if config.validation_sentences:
+    train_features, held_out = hold_out(train_features, config.validation_sentences)
+    log(f'{len(held_out)} training sentences held out to score the probe on')
   batch_size = config.batch_size
   if len(train_features) < batch_size:
     log(f'only {len(train_features)} training sequences: batch size {batch_size} -> '
@@ -703,14 +850,17 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
   log(f'{config.task}: {len(train_features)} training and {len(eval_features)} evaluation '
       f'sequences of {config.max_length} tokens; {model.config.num_states} states')
 
+  dm_config = config.diffmask_config()
+  evaluator = make_evaluator(model, frozen_params, make_probe(config, model), dm_config)
+  selection = (None if held_out is None
+               else ProbeSelection(config, model, frozen_params, held_out, out_dir, log))
   trained = train_probe(config, model, frozen_params, tokenizer, train_features, batch_size,
-                        out_dir, progress, log)
-  probe, dm_config, state, history = trained.probe, trained.config, trained.state, trained.history
+                        out_dir, progress, log, dm_config=dm_config, selection=selection)
+  probe, state, history = trained.probe, trained.state, trained.history
   state_dims = tuple(model.state_dims)
 
   eval_started = time.time()
-  evaluator = make_evaluator(model, frozen_params, probe, dm_config)
-  result = run_evaluation(evaluator, state.probe_params, eval_features, config.eval_batch_size)
+  result = run_evaluation(evaluator, trained.probe_params, eval_features, config.eval_batch_size)
   eval_seconds = time.time() - eval_started
   names = state_names(len(state_dims))
   save_keep_probabilities(out_dir / KEEP_PROB_FILE, result, eval_features, names)
@@ -752,14 +902,69 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
                 'hidden_size': state_dims[0], 'num_layers': model.config.num_layers},
       'files': {'keep_prob': KEEP_PROB_FILE, 'probe_checkpoint': f'probe_{config.gate}',
                 'figures': figures},
+      'selection': (None if selection is None else selection_report(
+          config, selection, trained, history, evaluator, eval_features)),
       'training': history,
       'timing': {'train_seconds': trained.seconds,
                  'steps_per_second': config.steps / trained.seconds if config.steps else None,
                  'eval_seconds': eval_seconds, 'total_seconds': time.time() - started},
   }
+  if selection is not None:
+    write_validation_figure(out_dir / f'validation_{config.gate}.png', history,
+                            config.select_agreement, trained.selected_step)
+    report['files']['figures'].append(f'validation_{config.gate}.png')
   (out_dir / REPORT_FILE).write_text(json.dumps(jsonable(report), indent=2))
   log(format_summary(report))
   return report
+
+
+def selection_report(config: TextDiffMaskConfig, selection: ProbeSelection, trained: TrainedProbe,
+                     history: list[dict], evaluator, eval_features) -> dict:
+  """The report's ``selection``: the held-out scores, the kept step, and the final iterate.
+
+  ``final_iterate`` scores the last step's probe on the evaluation split, so
+  that the selection's effect can be read off (the headline numbers are the
+  kept probe's); it is absent when the kept probe is the last one.
+  """
+  validations = [entry['validation'] for entry in history if 'validation' in entry]
+  block = dict(validation_sentences=config.validation_sentences,
+               select_agreement=config.select_agreement,
+               validate_every=config.validate_every or config.checkpoint_every,
+               selected_step=trained.selected_step,
+               final_step=int(trained.state.step),
+               selected_validation=selection.best,
+               final_validation=validations[-1] if validations else None)
+  if config.select_agreement is None:
+    return block
+  block['meets_bar'] = selection.meets_bar
+  if trained.selected_step is not None and trained.selected_step != int(trained.state.step):
+    final = sst_scores(run_evaluation(evaluator, trained.state.probe_params, eval_features,
+                                      config.eval_batch_size), eval_features, config.gate,
+                       config.layers)
+    block['final_iterate'] = {name: final[name] for name in
+                              ('masked_fraction', 'agreement', 'macro_f1_masked')}
+  return block
+
+
+def write_validation_figure(path: Path, history: list[dict], agreement_bar: float | None,
+                            selected_step: int | None) -> None:
+  """Held-out masked fraction and agreement against the training step, the kept step marked."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  entries = [entry['validation'] for entry in history if 'validation' in entry]
+  steps = [entry['step'] for entry in entries]
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  ax.plot(steps, [entry['masked_fraction'] for entry in entries], 'o-', label='masked fraction')
+  ax.plot(steps, [entry['agreement'] for entry in entries], 's-', label='agreement')
+  if agreement_bar is not None:
+    ax.axhline(agreement_bar, color='tab:orange', ls=':', lw=1, label='agreement bar')
+  if selected_step is not None:
+    ax.axvline(selected_step, color='gray', ls='--', lw=1, label=f'kept: step {selected_step}')
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel('training step')
+  ax.set_ylabel('on the held-out training sentences')
+  ax.set_title('DiffMask probe on held-out sentences during training', fontsize=10)
+  ax.legend(fontsize=8)
+  viz.save_figure(fig, path)
 
 
 # options that only change the evaluation: a resumed run may change them
@@ -772,6 +977,10 @@ TRAINER_CHECKED_FIELDS = ('steps',)
 # options the checkpoint's DiffMaskConfig already fingerprints, with defaults for
 # checkpoints written before the option existed (dmx.train fills those in)
 IN_DIFFMASK_CONFIG_FIELDS = ('relaxation', 'layers', 'divergence_tail')
+# options added after runs were checkpointed: left out of the fingerprint at
+# their defaults, so those runs still resume; any other value is fingerprinted
+FINGERPRINTED_UNLESS_DEFAULT = {'validation_sentences': 0, 'select_agreement': None,
+                                'validate_every': None}
 
 
 def resume_fingerprint(config: TextDiffMaskConfig) -> dict:
@@ -780,7 +989,9 @@ def resume_fingerprint(config: TextDiffMaskConfig) -> dict:
   fields['model'] = str(Path(config.model).expanduser().absolute())
   return jsonable({name: value for name, value in fields.items()
                     if name not in EVAL_ONLY_FIELDS + IN_DIFFMASK_CONFIG_FIELDS
-                    + TRAINER_CHECKED_FIELDS})
+                    + TRAINER_CHECKED_FIELDS
+                    and not (name in FINGERPRINTED_UNLESS_DEFAULT
+                             and value == FINGERPRINTED_UNLESS_DEFAULT[name])})
 
 
 def format_summary(report: dict) -> str:
@@ -791,6 +1002,14 @@ def format_summary(report: dict) -> str:
   if report['task'] == 'sst':
     lines.append(f"  macro-F1 {report['macro_f1_original']:.3f} -> "
                  f"{report['macro_f1_masked']:.3f}")
+    selection = report.get('selection')
+    if selection and selection.get('selected_step') is not None:
+      kept = selection['selected_validation']
+      lines.append(f"  probe of step {selection['selected_step']} of {selection['final_step']}: "
+                   f"held-out agreement {kept['agreement']:.3f}, masked "
+                   f"{kept['masked_fraction']:.3f}"
+                   + ('' if selection['meets_bar'] else
+                      f" (no probe reached the bar {selection['select_agreement']})"))
   else:
     lines.append(f"  EM {report['exact_match_original']:.1f} -> "
                  f"{report['exact_match_masked']:.1f}, "
@@ -856,6 +1075,16 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
                       help='train the probe at these depths only (default: every depth); '
                            'input gates take the headline at the deepest one')
   parser.add_argument('--seed', type=int, default=0)
+  if task == 'sst':
+    parser.add_argument('--validation-sentences', type=int, default=0, metavar='N',
+                        help='hold N training sentences out of the probe\'s training and '
+                             'score it on them during training')
+    parser.add_argument('--select-agreement', type=float, default=None, metavar='A',
+                        help='report the probe with the most masking whose held-out '
+                             'agreement is >= A (default: the last one)')
+    parser.add_argument('--validate-every', type=int, default=None, metavar='STEPS',
+                        help='score on the held-out sentences every STEPS steps '
+                             '(default --checkpoint-every)')
   parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
 
 
@@ -875,7 +1104,9 @@ def config_from_args(args: argparse.Namespace, task: str) -> TextDiffMaskConfig:
       bucket_width=args.bucket_width, clean_pass_cache_gb=args.clean_pass_cache_gb,
       checkpoint_every=args.checkpoint_every,
       allow_random_head=args.allow_random_head, dtype=args.dtype, layers=args.layers,
-      seed=args.seed)
+      seed=args.seed, validation_sentences=getattr(args, 'validation_sentences', 0),
+      select_agreement=getattr(args, 'select_agreement', None),
+      validate_every=getattr(args, 'validate_every', None))
 
 
 def run_from_args(args: argparse.Namespace, task: str) -> dict:
