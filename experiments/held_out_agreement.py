@@ -19,10 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-import jax
-
-from dmx import checkpoint, train
 from dmx.pipelines import diffmask_text
+from dmx.pipelines.explain import load_probe
 
 
 def run_config(run: Path) -> diffmask_text.TextDiffMaskConfig:
@@ -47,16 +45,10 @@ def main() -> None:
     model, frozen_params, tokenizer = diffmask_text.load_frozen_model(config, log=lambda _: None)
     train_features, _, _ = diffmask_text.load_task_data(config, tokenizer)
     _, held_out = diffmask_text.hold_out(train_features, args.sentences)
-    probe = diffmask_text.make_probe(config, model)
-    template = train.init_probe_params(jax.random.key(0), model, probe, frozen_params,
-                                       held_out.take(range(2)).as_batch())
-    probe_params = checkpoint.restore(run / f'probe_{config.gate}', template)
-    depths = diffmask_text.summary_depths(config.gate, len(model.state_dims), config.layers)
-    evaluator = diffmask_text.make_evaluator(model, frozen_params, probe,
-                                             config.diffmask_config(), depths)
-    result = diffmask_text.run_evaluation(evaluator, probe_params, held_out,
-                                          config.eval_batch_size)
-    scores = diffmask_text.sst_scores(result, held_out, config.gate, layers=None)
+    probe, probe_params, _, _ = load_probe(run)
+    score = diffmask_text.make_headline_scorer(config, model, frozen_params, probe,
+                                               config.diffmask_config())
+    scores = score(probe_params, held_out)
     print(f"| {run} | {scores['masked_fraction']:.3f} | {scores['agreement']:.3f} | "
           f"{report['masked_fraction']:.3f} | {report['agreement']:.3f} |", flush=True)
 

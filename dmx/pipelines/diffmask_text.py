@@ -684,6 +684,28 @@ class TrainedProbe(NamedTuple):
   selected_step: int | None = None
 
 
+HEADLINE_SCORES = ('masked_fraction', 'agreement', 'macro_f1_masked')
+
+
+def make_headline_scorer(config: TextDiffMaskConfig, model: BertModel, frozen_params, probe,
+                         dm_config: train.DiffMaskConfig):
+  """A ``(probe_params, features) -> dict`` of the SST headline scores (:data:`HEADLINE_SCORES`).
+
+  The same numbers :func:`sst_scores` gives at the summary depths, from one
+  masked pass per summary depth instead of one per state.
+  """
+  depths = summary_depths(config.gate, len(model.state_dims), config.layers)
+  evaluator = make_evaluator(model, frozen_params, probe, dm_config, depths)
+
+  def score(probe_params, features) -> dict:
+    result = run_evaluation(evaluator, probe_params, features, config.eval_batch_size)
+    # the evaluator masks the summary depths only: their summary is the one over all it returns
+    scores = sst_scores(result, features, config.gate, layers=None)
+    return {name: scores[name] for name in HEADLINE_SCORES}
+
+  return score
+
+
 def selection_rank(scores: dict, agreement_bar: float) -> tuple[bool, float]:
   """Orders held-out ``scores``: at or above ``agreement_bar`` first, by masking; else by agreement."""
   meets = scores['agreement'] >= agreement_bar
@@ -694,10 +716,10 @@ class ProbeSelection:
   """Scores the probe on held-out SST sentences during training and keeps the best one.
 
   An instance is the ``validate`` hook of :func:`dmx.train.fit`. Each call
-  evaluates the probe's deterministic gates on the held-out features exactly
-  as the evaluation split is scored (:func:`sst_scores`, headline depths) and
-  returns ``masked_fraction``, ``agreement``, ``macro_f1_masked`` and
-  ``step``. With an ``agreement_bar``, a probe replaces the kept one when it
+  scores the probe's deterministic gates on the held-out features with
+  ``scorer`` (:func:`make_headline_scorer`: as the evaluation split is
+  scored) and returns ``masked_fraction``, ``agreement``,
+  ``macro_f1_masked`` and ``step``. With an ``agreement_bar``, a probe replaces the kept one when it
   ranks higher: any probe at or above the bar ranks above every probe below
   it; above the bar more masking ranks higher, below it more agreement
   (:func:`selection_rank`; ties keep the earlier probe). The kept probe is saved to
@@ -705,12 +727,9 @@ class ProbeSelection:
   selection where the interrupted one left it.
   """
 
-  def __init__(self, config: TextDiffMaskConfig, model: BertModel, frozen_params, features,
-               out_dir: Path, log: Callable[[str], None] = print):
-    self.config = config
-    depths = summary_depths(config.gate, len(model.state_dims), config.layers)
-    self.evaluator = make_evaluator(model, frozen_params, make_probe(config, model),
-                                    config.diffmask_config(), depths)
+  def __init__(self, config: TextDiffMaskConfig, scorer, features, out_dir: Path,
+               log: Callable[[str], None] = print):
+    self.scorer = scorer
     self.features = features
     self.path = Path(out_dir) / SELECTED_CHECKPOINT
     self.agreement_bar = config.select_agreement
@@ -723,16 +742,8 @@ class ProbeSelection:
         log(f'{self.path} has no train checkpoint beside it: starting the selection afresh')
         shutil.rmtree(self.path)
 
-  def score(self, probe_params) -> dict:
-    """Held-out ``masked_fraction``, ``agreement`` and ``macro_f1_masked`` of ``probe_params``."""
-    result = run_evaluation(self.evaluator, probe_params, self.features,
-                            self.config.eval_batch_size)
-    # the evaluator masks the headline depths only: their summary is the one over all it returns
-    scores = sst_scores(result, self.features, self.config.gate, layers=None)
-    return {name: scores[name] for name in ('masked_fraction', 'agreement', 'macro_f1_masked')}
-
   def __call__(self, state: train.DiffMaskState) -> dict:
-    scores = dict(self.score(state.probe_params), step=int(state.step))
+    scores = dict(self.scorer(state.probe_params, self.features), step=int(state.step))
     if self.agreement_bar is not None and (
         self.best is None or selection_rank(scores, self.agreement_bar)
         > selection_rank(self.best, self.agreement_bar)):
@@ -851,12 +862,15 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
       f'sequences of {config.max_length} tokens; {model.config.num_states} states')
 
   dm_config = config.diffmask_config()
-  evaluator = make_evaluator(model, frozen_params, make_probe(config, model), dm_config)
-  selection = (None if held_out is None
-               else ProbeSelection(config, model, frozen_params, held_out, out_dir, log))
+  probe = make_probe(config, model)
+  evaluator = make_evaluator(model, frozen_params, probe, dm_config)
+  scorer = selection = None
+  if held_out is not None:
+    scorer = make_headline_scorer(config, model, frozen_params, probe, dm_config)
+    selection = ProbeSelection(config, scorer, held_out, out_dir, log)
   trained = train_probe(config, model, frozen_params, tokenizer, train_features, batch_size,
                         out_dir, progress, log, dm_config=dm_config, selection=selection)
-  probe, state, history = trained.probe, trained.state, trained.history
+  state, history = trained.state, trained.history
   state_dims = tuple(model.state_dims)
 
   eval_started = time.time()
@@ -903,7 +917,7 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
       'files': {'keep_prob': KEEP_PROB_FILE, 'probe_checkpoint': f'probe_{config.gate}',
                 'figures': figures},
       'selection': (None if selection is None else selection_report(
-          config, selection, trained, history, evaluator, eval_features)),
+          config, selection, trained, history, scorer, eval_features)),
       'training': history,
       'timing': {'train_seconds': trained.seconds,
                  'steps_per_second': config.steps / trained.seconds if config.steps else None,
@@ -919,7 +933,7 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
 
 
 def selection_report(config: TextDiffMaskConfig, selection: ProbeSelection, trained: TrainedProbe,
-                     history: list[dict], evaluator, eval_features) -> dict:
+                     history: list[dict], scorer, eval_features) -> dict:
   """The report's ``selection``: the held-out scores, the kept step, and the final iterate.
 
   ``final_iterate`` scores the last step's probe on the evaluation split, so
@@ -938,11 +952,7 @@ def selection_report(config: TextDiffMaskConfig, selection: ProbeSelection, trai
     return block
   block['meets_bar'] = selection.meets_bar
   if trained.selected_step is not None and trained.selected_step != int(trained.state.step):
-    final = sst_scores(run_evaluation(evaluator, trained.state.probe_params, eval_features,
-                                      config.eval_batch_size), eval_features, config.gate,
-                       config.layers)
-    block['final_iterate'] = {name: final[name] for name in
-                              ('masked_fraction', 'agreement', 'macro_f1_masked')}
+    block['final_iterate'] = scorer(trained.state.probe_params, eval_features)
   return block
 
 
