@@ -88,6 +88,30 @@ def test_finite_at_extreme_logits_and_confident_models(method, initial_logit):
 
 
 @pytest.mark.parametrize('method', METHODS)
+def test_logit_bound_clips_every_logit(method):
+  # the original's per-example code: logits start at 5, are clipped to [-10, 10], and the
+  # sparsity term is the mean log P(z != 0), which keeps pushing a closed gate down
+  batch, params = one_token_batch()
+  options = dict(key=jax.random.key(1), initial_logit=5.0, sparsity='log_l0', **FAST)
+  bounded = method(OneTokenModel(), params, batch, logit_bound=10.0, **options)
+  assert float(jnp.abs(bounded.logits).max()) <= 10.0
+  # without the bound the erased gates' logits run past it
+  unbounded = method(OneTokenModel(), params, batch, **options)
+  assert float(jnp.abs(unbounded.logits).max()) > 10.0
+  # the bound is a clip: a bound the search never reaches changes nothing
+  loose = method(OneTokenModel(), params, batch, logit_bound=1e6, **options)
+  np.testing.assert_array_equal(loose.logits, unbounded.logits)
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_gates_that_start_wide_open_still_find_the_position_that_matters(method):
+  batch, params = one_token_batch()
+  result = method(OneTokenModel(), params, batch, key=jax.random.key(1), initial_logit=5.0,
+                  **FAST)
+  np.testing.assert_array_equal(result.mask, [[1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]])
+
+
+@pytest.mark.parametrize('method', METHODS)
 def test_length_one_input(method):
   params = {'u': jnp.array([1.0, 1.0])}
   batch = {'inputs': jnp.array([[[0.7, 0.2]]]), 'mask': jnp.array([[True]])}
@@ -189,7 +213,7 @@ def test_bias_corrected_moving_average():
     (dict(learning_rate=0.0), 'learning_rate'), (dict(sparsity='l1'), 'sparsity'),
     (dict(baseline_decay=1.0), 'baseline_decay'), (dict(layer_index=1), 'layer_index'),
     (dict(multiplier_init=1e6), 'multiplier_init'), (dict(optimizer='sgd'), 'optimizer'),
-    (dict(reward='baseline'), 'reward'),
+    (dict(reward='baseline'), 'reward'), (dict(logit_bound=0.0), 'logit_bound'),
 ])
 def test_bad_arguments_are_one_line_errors(options, match):
   batch, params = one_token_batch()

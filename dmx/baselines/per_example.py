@@ -142,7 +142,8 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
                       sparsity: str = 'l0', multiplier_init: float = 1.0,
                       multiplier_learning_rate: float = 0.1, multiplier_max: float = 200.0,
                       dual_optimizer: str = 'lookahead_rmsprop', baseline_decay: float = 0.9,
-                      reward: str = 'lagrangian', progress: bool = False, chunk_steps: int = 50,
+                      reward: str = 'lagrangian', logit_bound: float | None = None,
+                      progress: bool = False, chunk_steps: int = 50,
                       description: str = 'per-example masks') -> PerExampleMasks:
   """Per-example gate logits for ``relaxation``, by the Lagrangian of the module docstring.
 
@@ -180,6 +181,11 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
       ``(D_i - margin) - b_i``, ``b_i`` its uncorrected moving average
       including this step, without the multiplier; see the module docstring).
       Ignored by pathwise relaxations.
+    logit_bound: when set, every logit is clipped to ``[-logit_bound,
+      logit_bound]`` after each update, as the original's per-example code
+      does (at 10): with ``sparsity='log_l0'`` the loss of a closing gate
+      is unbounded below, and the bound keeps a closed gate within reach of
+      reopening. ``None``: unbounded.
     progress: show a progress bar (steps run in jitted chunks).
     chunk_steps: steps per jitted chunk when ``progress``.
     description: the progress bar's label.
@@ -203,6 +209,8 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
     raise ValueError(f'reward must be one of {REWARDS}, got {reward!r}')
   if sparsity not in objective.SPARSITY_LOSSES:
     raise ValueError(f'sparsity must be one of {objective.SPARSITY_LOSSES}, got {sparsity!r}')
+  if logit_bound is not None and not logit_bound > 0:
+    raise ValueError(f'logit_bound must be > 0 (or None), got {logit_bound}')
   check_layer_index(model, layer_index)
   key = jax.random.key(0) if key is None else key
   score_function = relaxation.gradient == relaxations.SCORE_FUNCTION
@@ -254,8 +262,11 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
                                                  carry.multipliers)
     multipliers = optim.project_multipliers(
         optax.apply_updates(carry.multipliers, multiplier_updates), multiplier_max)
+    logits = optax.apply_updates(carry.logits, updates)
+    if logit_bound is not None:
+      logits = jnp.clip(logits, -logit_bound, logit_bound)
     return _SearchState(
-        step=carry.step + 1, logits=optax.apply_updates(carry.logits, updates),
+        step=carry.step + 1, logits=logits,
         opt_state=opt_state, multipliers=multipliers, dual_state=dual_state,
         score_average=relaxations.moving_average(
             carry.score_average, _reinforce_tracked(divergence, margin, reward),

@@ -65,6 +65,7 @@ from dmx.data import sst
 from dmx.models import recurrent
 from dmx.models.base import MaskableModel
 from dmx.models.hf_import import load_pretrained
+from dmx.objective import SPARSITY_LOSSES
 from dmx.pipelines import compare_sst, finetune
 
 METHODS = ('reinforce', 'diffmask')
@@ -101,10 +102,13 @@ class ErasureComparisonConfig:
       subsets).
     erasure_pairs_per_call: (sentence, subset) pairs per compiled evaluation.
     seeds: keys of the per-example methods' gate noise, one run each.
-    steps, margin, learning_rate, samples, initial_logit,
-      multiplier_learning_rate, baseline_decay: the per-example search (see
-      :func:`dmx.baselines.per_example.per_example_masks`), the same for both
-      methods.
+    steps, margin, learning_rate, samples, initial_logit, sparsity,
+      logit_bound, multiplier_learning_rate, baseline_decay: the per-example
+      search (see :func:`dmx.baselines.per_example.per_example_masks`), the
+      same for both methods. The original's per-example code starts every
+      logit at 5, clips them to [-10, 10] and penalises the mean
+      ``log P(z != 0)`` (``sparsity='log_l0'``); dmx's defaults are 2, no
+      bound and the expected L0.
     reinforce_reward: REINFORCE's estimator, ``'lagrangian'`` (dmx's: the
       multiplier scales the reward) or ``'original'`` (the original code's: a
       fixed weight of 1 on the divergence, its baseline uncorrected; it used
@@ -134,6 +138,8 @@ class ErasureComparisonConfig:
   learning_rate: float = 0.1
   samples: int = 2
   initial_logit: float = 2.0
+  sparsity: str = 'l0'
+  logit_bound: float | None = None
   multiplier_learning_rate: float = 0.1
   baseline_decay: float = 0.9
   reinforce_reward: str = 'lagrangian'
@@ -164,6 +170,13 @@ class ErasureComparisonConfig:
                        f'{self.reinforce_reward!r}')
     if not 0.0 <= self.baseline_decay < 1.0:
       raise ValueError(f'baseline_decay must lie in [0, 1), got {self.baseline_decay}')
+    if self.sparsity not in SPARSITY_LOSSES:
+      raise ValueError(f'sparsity must be one of {SPARSITY_LOSSES}, got {self.sparsity!r}')
+    if self.logit_bound is not None and not self.logit_bound > 0:
+      raise ValueError(f'logit_bound must be > 0, got {self.logit_bound}')
+    if self.logit_bound is not None and abs(self.initial_logit) > self.logit_bound:
+      raise ValueError(f'initial_logit {self.initial_logit} lies outside the logit bound '
+                       f'[-{self.logit_bound}, {self.logit_bound}]')
 
   def model_fingerprint(self) -> dict:
     """What the cached classifier depends on."""
@@ -174,6 +187,7 @@ class ErasureComparisonConfig:
   def method_options(self) -> dict:
     return dict(steps=self.steps, margin=self.margin, learning_rate=self.learning_rate,
                 samples=self.samples, initial_logit=self.initial_logit,
+                sparsity=self.sparsity, logit_bound=self.logit_bound,
                 multiplier_learning_rate=self.multiplier_learning_rate)
 
 
@@ -515,6 +529,13 @@ def run_compare_erasure(config: ErasureComparisonConfig, out_dir: str | Path, *,
   return report
 
 
+SPARSITY_NAMES = {'l0': 'the expected L0', 'log_l0': "the mean log P(gate open) (the original's)"}
+
+
+def _bound_text(bound: float | None) -> str:
+  return 'unbounded' if bound is None else f'clipped to [-{bound}, {bound}]'
+
+
 def _number(value, digits: int = 2) -> str:
   return '—' if value is None else f'{value:.{digits}f}'
 
@@ -551,7 +572,9 @@ def format_markdown(report: dict) -> str:
       f'{_number(erasure["mean_optimal_size"])} {token}s on average; '
       f'{_number(erasure["mean_optimal_sets"])} optimal sets per sentence.', '',
       f'Per-example search: {config["steps"]} steps, margin {config["margin"]}, learning rate '
-      f'{config["learning_rate"]} (Adam), {config["samples"]} gate samples per step, seeds '
+      f'{config["learning_rate"]} (Adam), {config["samples"]} gate samples per step, '
+      f'initial logit {config["initial_logit"]}, sparsity term {SPARSITY_NAMES[config["sparsity"]]}, '
+      f'logits {_bound_text(config["logit_bound"])}, seeds '
       f'{", ".join(map(str, config["seeds"]))} (mean ± std over seeds). REINFORCE\'s reward: '
       f'{REWARD_DESCRIPTIONS[config["reinforce_reward"]]}, baseline decay '
       f'{config["baseline_decay"]}.', '',
@@ -622,6 +645,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--learning-rate', type=float, default=defaults.learning_rate)
   parser.add_argument('--samples', type=int, default=defaults.samples,
                       help='gate samples per example and step')
+  parser.add_argument('--initial-logit', type=float, default=defaults.initial_logit,
+                      help="every gate logit's start (the original's per-example code: 5)")
+  parser.add_argument('--sparsity', choices=SPARSITY_LOSSES, default=defaults.sparsity,
+                      help="'l0': the expected L0; 'log_l0': the mean log P(gate open), the "
+                           "original code's")
+  parser.add_argument('--logit-bound', type=float, default=defaults.logit_bound,
+                      help='clip every gate logit to [-B, B] after each step (the original\'s '
+                           'per-example code: 10; default: no bound)')
   parser.add_argument('--reinforce-reward', choices=REWARDS,
                       default=defaults.reinforce_reward,
                       help="REINFORCE's estimator: 'lagrangian' (the multiplier scales the "
@@ -650,8 +681,11 @@ def command_line(args: argparse.Namespace) -> str:
             f'--max-tokens {args.max_tokens}', f'--max-evaluations {args.max_evaluations}',
             f'--seeds {" ".join(map(str, args.seeds))}', f'--steps {args.steps}',
             f'--margin {args.margin}', f'--learning-rate {args.learning_rate}',
-            f'--samples {args.samples}', f'--reinforce-reward {args.reinforce_reward}',
+            f'--samples {args.samples}', f'--initial-logit {args.initial_logit}',
+            f'--sparsity {args.sparsity}', f'--reinforce-reward {args.reinforce_reward}',
             f'--baseline-decay {args.baseline_decay}', f'--model-epochs {args.model_epochs}']
+  if args.logit_bound is not None:
+    parts.append(f'--logit-bound {args.logit_bound}')
   if args.pretrained_embeddings is not None:
     parts.append(f'--pretrained-embeddings {args.pretrained_embeddings}')
   if args.no_own_objective:
@@ -671,6 +705,7 @@ def config_from_args(args: argparse.Namespace) -> ErasureComparisonConfig:
       num_sentences=None if not args.sentences else args.sentences,
       max_evaluations=args.max_evaluations, seeds=tuple(args.seeds), steps=args.steps,
       margin=args.margin, learning_rate=args.learning_rate, samples=args.samples,
+      initial_logit=args.initial_logit, sparsity=args.sparsity, logit_bound=args.logit_bound,
       model_epochs=args.model_epochs, own_objective=not args.no_own_objective,
       reinforce_reward=args.reinforce_reward, baseline_decay=args.baseline_decay,
       pretrained_embeddings=args.pretrained_embeddings)
