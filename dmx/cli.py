@@ -46,6 +46,7 @@ def _writable_dir(value: str) -> Path:
 
 
 def _add_toy_parser(subparsers) -> None:
+  from dmx import objective
   from dmx.pipelines.toy import ToyExperimentConfig
   defaults = ToyExperimentConfig()
   parser = subparsers.add_parser(
@@ -63,7 +64,7 @@ def _add_toy_parser(subparsers) -> None:
   parser.add_argument('--diffmask-steps', type=int, default=defaults.diffmask_steps,
                       help='DiffMask training steps per gate type')
   parser.add_argument('--probe-form', choices=('mlp', 'bilinear'), default=defaults.probe_form)
-  parser.add_argument('--sparsity', choices=('log_l0', 'l0'), default=defaults.sparsity,
+  parser.add_argument('--sparsity', choices=objective.SPARSITY_LOSSES, default=defaults.sparsity,
                       help="sparsity loss: the original's mean log P(z!=0), or expected L0")
   parser.add_argument('--baseline-examples', type=int, default=defaults.baseline_examples,
                       help='validation examples the Table 1 baselines are scored on (0: none)')

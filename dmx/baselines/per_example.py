@@ -184,8 +184,9 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
     logit_bound: when set, every logit is clipped to ``[-logit_bound,
       logit_bound]`` after each update, as the original's per-example code
       does (at 10): with ``sparsity='log_l0'`` the loss of a closing gate
-      is unbounded below, and the bound keeps a closed gate within reach of
-      reopening. ``None``: unbounded.
+      is unbounded below, and the bound keeps a closed REINFORCE gate within
+      reach of reopening (a closed Hard Concrete gate gets no pathwise
+      gradient either way). ``None``: unbounded.
     progress: show a progress bar (steps run in jitted chunks).
     chunk_steps: steps per jitted chunk when ``progress``.
     description: the progress bar's label.

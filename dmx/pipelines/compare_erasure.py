@@ -648,8 +648,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--initial-logit', type=float, default=defaults.initial_logit,
                       help="every gate logit's start (the original's per-example code: 5)")
   parser.add_argument('--sparsity', choices=SPARSITY_LOSSES, default=defaults.sparsity,
-                      help="'l0': the expected L0; 'log_l0': the mean log P(gate open), the "
-                           "original code's")
+                      help='; '.join(f"'{name}': {text}" for name, text in SPARSITY_NAMES.items()))
   parser.add_argument('--logit-bound', type=float, default=defaults.logit_bound,
                       help='clip every gate logit to [-B, B] after each step (the original\'s '
                            'per-example code: 10; default: no bound)')

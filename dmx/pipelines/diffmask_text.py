@@ -727,12 +727,12 @@ class ProbeSelection:
   selection where the interrupted one left it.
   """
 
-  def __init__(self, config: TextDiffMaskConfig, scorer, features, out_dir: Path,
+  def __init__(self, agreement_bar: float | None, scorer, features, out_dir: Path,
                log: Callable[[str], None] = print):
     self.scorer = scorer
     self.features = features
     self.path = Path(out_dir) / SELECTED_CHECKPOINT
-    self.agreement_bar = config.select_agreement
+    self.agreement_bar = agreement_bar
     self.log = log
     self.best: dict | None = None
     if checkpoint.exists(self.path):
@@ -867,7 +867,7 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
   scorer = selection = None
   if held_out is not None:
     scorer = make_headline_scorer(config, model, frozen_params, probe, dm_config)
-    selection = ProbeSelection(config, scorer, held_out, out_dir, log)
+    selection = ProbeSelection(config.select_agreement, scorer, held_out, out_dir, log)
   trained = train_probe(config, model, frozen_params, tokenizer, train_features, batch_size,
                         out_dir, progress, log, dm_config=dm_config, selection=selection)
   state, history = trained.state, trained.history
