@@ -184,7 +184,7 @@ def sweep_keep_probs(model: MaskableModel, frozen_params, probe: nn.Module,
                                                   batch['mask'])
     return keep_prob
 
-  return np.asarray(jax.jit(jax.vmap(keep))(states.params.fast))
+  return np.asarray(jax.jit(jax.vmap(keep))(states.probe_params))
 
 
 def attribution_spread(keep_probs: np.ndarray, mask: np.ndarray) -> dict:

@@ -65,6 +65,13 @@ class DiffMaskConfig:
       running agreement > ``converged_agreement``, running keep fraction <
       ``converged_l0`` and more than ``converged_min_steps`` steps at that depth.
     layers: the depths to train; ``None`` trains every state.
+    probe_average_decay: ``d > 0`` keeps an exponential moving average of the
+      probe's iterates (Polyak averaging, bias-corrected as in Adam, so step
+      ``t`` weighs ``(1 - d) d^(T - t)`` after normalisation), and that
+      average is the probe the run evaluates and saves
+      (:attr:`DiffMaskState.probe_params`). The last iterate of a saddle
+      point oscillates around the constraint with the multiplier; the average
+      damps that noise. ``0`` (the original) uses the last iterate.
   """
   gate: str = 'hidden'
   margin: float = 0.1
@@ -97,6 +104,7 @@ class DiffMaskConfig:
   converged_min_steps: int = 100
   converged_weight: float = 0.1
   layers: tuple[int, ...] | None = None
+  probe_average_decay: float = 0.0
 
   def __post_init__(self):
     if self.gate not in probes.GATES:
@@ -130,6 +138,8 @@ class DiffMaskConfig:
       raise ValueError('warmup_steps must be >= 0 and lookahead_sync_period >= 1')
     if self.layers is not None and not self.layers:
       raise ValueError('layers must name at least one depth, or be None for all')
+    if not 0.0 <= self.probe_average_decay < 1.0:
+      raise ValueError(f'probe_average_decay must lie in [0, 1), got {self.probe_average_decay}')
 
   def gate_relaxation(self) -> relaxations.Relaxation:
     """The :class:`dmx.relaxations.Relaxation` that ``relaxation`` and its parameters name."""
@@ -165,6 +175,8 @@ class DiffMaskState(NamedTuple):
       depth, the REINFORCE baseline (stored without bias correction; see
       :func:`make_gradient_fn`); ``None`` for every other relaxation, so their
       states (and checkpoints) keep the fields they always had.
+    averaged_params: the bias-corrected moving average of the probe's fast
+      weights (``config.probe_average_decay``); ``None`` when it is 0.
   """
   step: jax.Array
   params: optax.LookaheadParams
@@ -175,10 +187,16 @@ class DiffMaskState(NamedTuple):
   running_l0: jax.Array
   running_steps: jax.Array
   score_baseline: jax.Array | None = None
+  averaged_params: Any = None
 
   @property
   def probe_params(self):
-    """The probe parameters to use (Lookahead's fast weights)."""
+    """The probe parameters to use: the iterate average when kept, else the last iterate."""
+    return self.last_iterate_params if self.averaged_params is None else self.averaged_params
+
+  @property
+  def last_iterate_params(self):
+    """The probe parameters the optimiser holds now (Lookahead's fast weights)."""
     return self.params.fast
 
   @property
@@ -231,6 +249,7 @@ def init_state(config: DiffMaskConfig, probe_params, num_states: int) -> DiffMas
       running_steps=jnp.zeros((num_states,), jnp.int32),
       score_baseline=(jnp.zeros((num_states,), jnp.float32)
                       if config.gate_relaxation().gradient == relaxations.SCORE_FUNCTION else None),
+      averaged_params=(_synced(probe_params).fast if config.probe_average_decay > 0 else None),
   )
 
 
@@ -461,16 +480,34 @@ def make_train_step(model: MaskableModel, probe: nn.Module, config: DiffMaskConf
       baseline_decay = config.reinforce_baseline_decay
       score_baseline = score_baseline.at[layer_index].set(relaxations.moving_average(
           score_baseline[layer_index], aux['constrained_divergence'], baseline_decay))
+    averaged_params = state.averaged_params
+    if averaged_params is not None:
+      averaged_params = average_iterates(averaged_params, params.fast, state.step + 1,
+                                         config.probe_average_decay)
     new_state = DiffMaskState(
         step=state.step + 1, params=params, opt_state=opt_state, multipliers=multipliers,
         multiplier_opt_state=multiplier_opt_state, running_agreement=running_agreement,
         running_l0=running_l0, running_steps=state.running_steps.at[layer_index].add(1),
-        score_baseline=score_baseline)
+        score_baseline=score_baseline, averaged_params=averaged_params)
     metrics = dict(aux, loss=loss, layer_index=layer_index,
                    multiplier=state.multipliers.fast[layer_index])
     return new_state, metrics
 
   return train_step
+
+
+def average_iterates(average, iterate, count: jax.Array, decay: float):
+  """The bias-corrected moving average of ``count`` iterates, from that of ``count - 1``.
+
+  With ``m_t = d m_(t-1) + (1 - d) x_t`` started at 0, the corrected
+  average ``m_t / (1 - d^t)`` obeys ``a_t = a_(t-1) + w_t (x_t - a_(t-1))``
+  with ``w_t = (1 - d) / (1 - d^t)``; ``w_1 = 1``, so ``a_1 = x_1`` whatever
+  ``average`` held. Storing ``a_t`` itself keeps the state free of a
+  correction to remember.
+  """
+  count = jnp.asarray(count).astype(jnp.float32)
+  weight = (1.0 - decay) / jnp.maximum(1.0 - decay ** count, jnp.finfo(jnp.float32).tiny)
+  return optax.incremental_update(iterate, average, jnp.minimum(weight, 1.0))
 
 
 def _corrected_score_baseline(state: DiffMaskState, layer_index, decay: float) -> jax.Array:

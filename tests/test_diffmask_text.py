@@ -7,11 +7,12 @@ import pathlib
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from dmx import checkpoint, probes
 from dmx.models import hf_import
-from dmx.pipelines import diffmask_text
+from dmx.pipelines import diffmask_text, explain
 from tests.conftest import tiny_bert
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
@@ -150,6 +151,7 @@ def test_bad_input_errors(sst_model_folder, qa_model_folder, tmp_path, minilm_to
                                  ('--max-length', '4096', 'model limit'),
                                  ('--margin', 'nan', 'margin'),
                                  ('--divergence-tail', '0', 'divergence-tail'),
+                                 ('--probe-average-decay', '1', 'probe-average-decay'),
                                  ('--max-eval-examples', '0', 'max-eval-examples')]:
     with pytest.raises(ValueError, match=message):
       run('sst', sst_args(sst_model_folder, out, **{option: value}))
@@ -240,6 +242,32 @@ def test_divergence_tail_reaches_the_trainer_and_is_part_of_the_run(sst_model_fo
   assert main(base) == 2  # the batch-mean constraint cannot resume a tail-constrained run
   error = capsys.readouterr().err.strip()
   assert 'belongs to another run' in error and 'divergence_tail' in error and '\n' not in error
+
+
+def test_probe_average_is_the_probe_reported_beside_the_last_iterate(sst_model_folder, tmp_path,
+                                                                     capsys):
+  """With --probe-average-decay the saved, scored probe is the average; the last iterate is scored too."""
+  from dmx.cli import main  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'run'
+  base = ['diffmask', 'sst'] + sst_args(sst_model_folder, out, 'hidden',
+                                        **{'--steps': '4', '--warmup-steps': '0'})
+  assert main(base + ['--probe-average-decay', '0.5']) == 0
+  printed = capsys.readouterr().out
+  report = json.loads((out / 'report.json').read_text())
+  assert report['diffmask_config']['probe_average_decay'] == 0.5
+  assert set(report['last_iterate']) == {'masked_fraction', 'agreement', 'macro_f1_masked'}
+  assert 'the average of the iterates, decay 0.5' in printed
+  _, saved, _, _ = explain.load_probe(out / 'probe_hidden')
+  with ocp.StandardCheckpointer() as checkpointer:  # the train state as saved, no template
+    trained = checkpointer.restore((out / 'train_checkpoint' / 'state').absolute())
+  for name, want in (('averaged_params', True), ('params', False)):
+    tree = trained[name]['fast'] if name == 'params' else trained[name]
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(saved),
+                                                    jax.tree_util.tree_leaves(tree)))
+    assert same == want, name
+  assert main(base) == 2  # the last iterate's run cannot resume an averaged one
+  error = capsys.readouterr().err.strip()
+  assert 'belongs to another run' in error and 'probe_average_decay' in error and '\n' not in error
 
 
 def test_more_steps_continue_a_finished_run_as_if_it_had_asked_for_them(sst_model_folder, tmp_path,

@@ -1,6 +1,7 @@
 """Tests of the DiffMask train step: one step, the dual ascent, NaN safety, layer sampling."""
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +168,7 @@ def test_layer_sampling_restricted_and_slowed():
     dict(temperature=0.0), dict(stretch=(0.1, 1.0)), dict(multiplier_max=-1.0),
     dict(multiplier_init=300.0), dict(layers=()), dict(dual_optimizer='adam'),
     dict(divergence_tail=0.0), dict(divergence_tail=1.5),
+    dict(probe_average_decay=-0.1), dict(probe_average_decay=1.0),
 ])
 def test_config_rejects_nonsense(overrides):
   with pytest.raises(ValueError):
@@ -248,3 +250,77 @@ def test_divergence_tail_constrains_the_worst_examples(toy_setup, gate):
     expected = np.zeros(len(model.state_dims))
     expected[int(layer_index)] = constrained - margin
     np.testing.assert_allclose(multiplier_grads, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])
+def test_probe_average_is_the_bias_corrected_moving_average_of_the_iterates(toy_setup, use_jit):
+  """``averaged_params`` after T steps equals sum_t (1-d) d^(T-t) x_t / (1 - d^T), in float64."""
+  model, frozen, batch = toy_setup
+  decay, num_steps = 0.8, 6
+  plain = train.DiffMaskConfig(gate='hidden', warmup_steps=0)
+  averaged = dataclasses.replace(plain, probe_average_decay=decay)
+  probe, state = _state(model, frozen, batch, plain)
+  _, averaged_state = _state(model, frozen, batch, averaged)
+  assert state.averaged_params is None
+  step = train.make_train_step(model, probe, plain)
+  averaged_step = train.make_train_step(model, probe, averaged)
+  if use_jit:
+    step, averaged_step = jax.jit(step), jax.jit(averaged_step)
+  iterates = []
+  for t in range(num_steps):
+    key = jax.random.fold_in(jax.random.key(7), t)
+    state, _ = step(state, frozen, batch, key)
+    averaged_state, _ = averaged_step(averaged_state, frozen, batch, key)
+    iterates.append(jax.device_get(state.params.fast))
+  # averaging reads the iterates and never feeds back into training
+  for ours, theirs in zip(jax.tree_util.tree_leaves(averaged_state.params),
+                          jax.tree_util.tree_leaves(state.params)):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-7)
+  weights = np.array([(1 - decay) * decay ** (num_steps - 1 - t) for t in range(num_steps)])
+  weights /= 1 - decay ** num_steps
+  expected = jax.tree_util.tree_map(
+      lambda *xs: np.tensordot(weights, np.stack([np.asarray(x, np.float64) for x in xs]), 1),
+      *iterates)
+  got = jax.device_get(averaged_state.probe_params)
+  moved = False
+  for got_leaf, want_leaf, last_leaf in zip(jax.tree_util.tree_leaves(got),
+                                            jax.tree_util.tree_leaves(expected),
+                                            jax.tree_util.tree_leaves(iterates[-1])):
+    np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-6)
+    moved |= bool(np.abs(want_leaf - last_leaf).max() > 1e-4)
+  assert moved, 'the average equals the last iterate: the test would not see a wrong weighting'
+  np.testing.assert_array_equal(np.asarray(jax.tree_util.tree_leaves(
+      averaged_state.last_iterate_params)[0]), np.asarray(jax.tree_util.tree_leaves(
+          averaged_state.params.fast)[0]))
+
+
+def test_first_average_is_the_first_iterate_and_decay_zero_keeps_the_last():
+  first = {'w': jnp.array([1.0, -2.0])}
+  start = {'w': jnp.array([50.0, 50.0])}  # whatever the average held before is forgotten
+  np.testing.assert_allclose(train.average_iterates(start, first, 1, 0.999)['w'], first['w'])
+  np.testing.assert_allclose(train.average_iterates(start, first, 7, 0.0)['w'], first['w'])
+  # step 2 at decay 0.5: weights (0.5 * 0.5, 0.5) / 0.75 on (x1, x2)
+  second = {'w': jnp.array([4.0, 1.0])}
+  np.testing.assert_allclose(train.average_iterates(first, second, 2, 0.5)['w'],
+                             (0.25 * first['w'] + 0.5 * second['w']) / 0.75, rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_averaged_run_resumes_bit_for_bit(toy_setup, tmp_path):
+  """The average is part of the checkpoint: an interrupted run continues it exactly."""
+  model, frozen, batch = toy_setup
+  config = train.DiffMaskConfig(gate='hidden', warmup_steps=2, probe_average_decay=0.9)
+  probe, state = _state(model, frozen, batch, config)
+
+  def fit(batches, folder):
+    return train.fit(model, frozen, probe, config, jax.tree_util.tree_map(jnp.array, state),
+                     batches, 4, jax.random.key(2), progress=False, checkpoint_dir=folder,
+                     checkpoint_every=2)
+
+  reference, _ = fit(itertools.repeat(batch), tmp_path / 'reference')
+  with pytest.raises(ValueError, match='ran out'):  # dies after the checkpoint of step 2
+    fit(iter([batch] * 3), tmp_path / 'interrupted')
+  resumed, _ = fit(itertools.repeat(batch), tmp_path / 'interrupted')
+  assert resumed.averaged_params is not None
+  for ours, theirs in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(reference)):
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))

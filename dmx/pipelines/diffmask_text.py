@@ -104,6 +104,9 @@ class TextDiffMaskConfig:
     divergence_tail: bound the mean divergence of the worst fraction of each
       batch instead of the batch mean (1.0, the paper's constraint); see
       :attr:`dmx.train.DiffMaskConfig.divergence_tail`.
+    probe_average_decay: evaluate and save the moving average of the probe's
+      iterates with this decay instead of the last iterate (0, the original);
+      see :attr:`dmx.train.DiffMaskConfig.probe_average_decay`.
     warmup_steps, sparsity, probe_learning_rate, baseline_learning_rate: passed to
       :class:`dmx.train.DiffMaskConfig` (paper: 1200, log_l0, 3e-4, 1e-3).
     relaxation: the gate distribution, among :data:`dmx.relaxations.NAMES`
@@ -147,6 +150,7 @@ class TextDiffMaskConfig:
   max_eval_examples: int | None = None
   margin: float | None = None
   divergence_tail: float = 1.0
+  probe_average_decay: float = 0.0
   warmup_steps: int = 1200
   probe_learning_rate: float = 3e-4
   baseline_learning_rate: float = 1e-3
@@ -198,6 +202,8 @@ class TextDiffMaskConfig:
       raise ValueError(f'--margin must be a finite number >= 0, got {self.margin}')
     if not 0.0 < self.divergence_tail <= 1.0:
       raise ValueError(f'--divergence-tail must lie in (0, 1], got {self.divergence_tail}')
+    if not 0.0 <= self.probe_average_decay < 1.0:
+      raise ValueError(f'--probe-average-decay must lie in [0, 1), got {self.probe_average_decay}')
     for flag, rate in (('--probe-learning-rate', self.probe_learning_rate),
                        ('--baseline-learning-rate', self.baseline_learning_rate)):
       if not rate > 0 or rate != rate:
@@ -253,7 +259,7 @@ class TextDiffMaskConfig:
                                 relaxation=self.relaxation, warmup_steps=self.warmup_steps,
                                 probe_learning_rate=self.probe_learning_rate,
                                 baseline_learning_rate=self.baseline_learning_rate,
-                                layers=self.layers)
+                                layers=self.layers, probe_average_decay=self.probe_average_decay)
 
 
 # ---------------------------------------------------------------------------
@@ -923,6 +929,10 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
                  'steps_per_second': config.steps / trained.seconds if config.steps else None,
                  'eval_seconds': eval_seconds, 'total_seconds': time.time() - started},
   }
+  if config.probe_average_decay > 0 and config.task == 'sst':
+    # the same run's last iterate, scored the same way: what the averaging changed
+    last_scorer = scorer or make_headline_scorer(config, model, frozen_params, probe, dm_config)
+    report['last_iterate'] = last_scorer(state.last_iterate_params, eval_features)
   if selection is not None:
     write_validation_figure(out_dir / f'validation_{config.gate}.png', history,
                             config.select_agreement, trained.selected_step)
@@ -938,7 +948,8 @@ def selection_report(config: TextDiffMaskConfig, selection: ProbeSelection, trai
 
   ``final_iterate`` scores the last step's probe on the evaluation split, so
   that the selection's effect can be read off (the headline numbers are the
-  kept probe's); it is absent when the kept probe is the last one.
+  kept probe's); it is absent when the kept probe is the last one. With
+  ``--probe-average-decay`` every probe scored here is an iterate average.
   """
   validations = [entry['validation'] for entry in history if 'validation' in entry]
   block = dict(validation_sentences=config.validation_sentences,
@@ -986,7 +997,7 @@ EVAL_ONLY_FIELDS = ('eval_split', 'eval_batch_size', 'max_eval_examples', 'num_h
 TRAINER_CHECKED_FIELDS = ('steps',)
 # options the checkpoint's DiffMaskConfig already fingerprints, with defaults for
 # checkpoints written before the option existed (dmx.train fills those in)
-IN_DIFFMASK_CONFIG_FIELDS = ('relaxation', 'layers', 'divergence_tail')
+IN_DIFFMASK_CONFIG_FIELDS = ('relaxation', 'layers', 'divergence_tail', 'probe_average_decay')
 # options added after runs were checkpointed: left out of the fingerprint at
 # their defaults, so those runs still resume; any other value is fingerprinted
 FINGERPRINTED_UNLESS_DEFAULT = {'validation_sentences': 0, 'select_agreement': None,
@@ -1020,6 +1031,12 @@ def format_summary(report: dict) -> str:
                    f"{kept['masked_fraction']:.3f}"
                    + ('' if selection['meets_bar'] else
                       f" (no probe reached the bar {selection['select_agreement']})"))
+    if 'last_iterate' in report:
+      last = report['last_iterate']
+      lines.append(f"  (the average of the iterates, decay "
+                   f"{report['diffmask_config']['probe_average_decay']}; the last iterate: masked "
+                   f"{last['masked_fraction']:.3f}, agreement {last['agreement']:.3f}, "
+                   f"macro-F1 {last['macro_f1_masked']:.3f})")
   else:
     lines.append(f"  EM {report['exact_match_original']:.1f} -> "
                  f"{report['exact_match_masked']:.1f}, "
@@ -1057,6 +1074,10 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
   parser.add_argument('--divergence-tail', type=float, default=1.0, metavar='FRACTION',
                       help='bound the mean divergence of the worst FRACTION of each batch '
                            '(default 1: the batch mean, as in the paper)')
+  parser.add_argument('--probe-average-decay', type=float, default=0.0, metavar='DECAY',
+                      help='evaluate and save the moving average of the probe\'s iterates '
+                           'with this decay, e.g. 0.999 (default 0: the last iterate, as the '
+                           'original)')
   parser.add_argument('--warmup-steps', type=int, default=1200)
   parser.add_argument('--probe-learning-rate', type=float, default=3e-4)
   parser.add_argument('--baseline-learning-rate', type=float, default=1e-3)
@@ -1106,7 +1127,7 @@ def config_from_args(args: argparse.Namespace, task: str) -> TextDiffMaskConfig:
       batch_size=args.batch_size, max_length=args.max_length,
       eval_batch_size=args.eval_batch_size, max_train_examples=args.max_train_examples,
       max_eval_examples=args.max_eval_examples, margin=args.margin,
-      divergence_tail=args.divergence_tail,
+      divergence_tail=args.divergence_tail, probe_average_decay=args.probe_average_decay,
       warmup_steps=args.warmup_steps, probe_learning_rate=args.probe_learning_rate,
       baseline_learning_rate=args.baseline_learning_rate, sparsity=args.sparsity,
       relaxation=args.relaxation, probe_form=args.probe_form,
