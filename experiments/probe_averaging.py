@@ -1,0 +1,99 @@
+"""What averaging the probe's iterates changes: the last iterate against the average, per run.
+
+``dmx diffmask sst ... --probe-average-decay D`` reports the averaged probe's
+headline numbers and, under ``last_iterate``, the same run's last iterate
+scored the same way. This script tabulates both for every RUN and draws
+them in the (masked fraction, agreement) plane with an arrow from the last
+iterate to the average, and the issue's target region shaded.
+
+    python experiments/probe_averaging.py RUN [RUN ...] [--figure PATH]
+        [--target-masked 0.4] [--target-agreement 0.9]
+
+Each RUN is a ``dmx diffmask sst`` output folder whose report has
+``last_iterate`` (a run with averaging).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+
+
+def load(run: Path) -> dict:
+  """The run's report; exits with one line when it has no averaged probe."""
+  path = run / 'report.json'
+  if not path.is_file():
+    sys.exit(f'{run}: no report.json (not a finished dmx diffmask run)')
+  report = json.loads(path.read_text())
+  if 'last_iterate' not in report:
+    sys.exit(f'{run}: the report has no last_iterate (the run did not average its probe)')
+  return report
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('runs', nargs='+', type=Path)
+  parser.add_argument('--figure', type=Path, default=None, help='write the plot here (PNG)')
+  parser.add_argument('--target-masked', type=float, default=0.4)
+  parser.add_argument('--target-agreement', type=float, default=0.9)
+  args = parser.parse_args()
+  reports = [(run, load(run)) for run in args.runs]
+
+  print('| run | gate | seed | decay | last iterate: masked / agreement / macro-F1 '
+        '| average: masked / agreement / macro-F1 |')
+  print('| --- | --- | --- | --- | --- | --- |')
+  for run, report in reports:
+    last = report['last_iterate']
+    print(f"| {run.name} | {report['gate']} | {report['config']['seed']} "
+          f"| {report['diffmask_config']['probe_average_decay']} "
+          f"| {last['masked_fraction']:.1%} / {last['agreement']:.3f} / "
+          f"{last['macro_f1_masked']:.3f} "
+          f"| {report['masked_fraction']:.1%} / {report['agreement']:.3f} / "
+          f"{report['macro_f1_masked']:.3f} |")
+
+  if args.figure is None:
+    return
+  figure, axes = plt.subplots(figsize=(6, 4.5))
+  for run, report in reports:
+    last = report['last_iterate']
+    start = (last['masked_fraction'], last['agreement'])
+    end = (report['masked_fraction'], report['agreement'])
+    axes.annotate('', xy=end, xytext=start,
+                  arrowprops=dict(arrowstyle='->', color='tab:blue', lw=1.5))
+    axes.plot(*start, 'o', color='tab:gray')
+    axes.plot(*end, 'o', color='tab:blue')
+    axes.annotate(f"{report['gate']} s{report['config']['seed']}", end,
+                  textcoords='offset points', xytext=(5, 4), fontsize=8)
+  points = [value for _, report in reports
+            for value in ((report['masked_fraction'], report['agreement']),
+                          (report['last_iterate']['masked_fraction'],
+                           report['last_iterate']['agreement']))]
+  low_x = min(min(x for x, _ in points), args.target_masked) - 0.02
+  high_x = max(max(x for x, _ in points), args.target_masked) + 0.02
+  low_y = min(min(y for _, y in points), args.target_agreement) - 0.01
+  high_y = max(max(y for _, y in points), args.target_agreement) + 0.01
+  axes.fill_between([args.target_masked, high_x], args.target_agreement, high_y,
+                    color='tab:green', alpha=0.12,
+                    label=f'target: masked >= {args.target_masked:.0%}, agreement >= '
+                          f'{args.target_agreement}')
+  axes.set_xlim(low_x, high_x)
+  axes.set_ylim(low_y, high_y)
+  axes.plot([], [], 'o', color='tab:gray', label='last iterate')
+  axes.plot([], [], 'o', color='tab:blue', label='average of the iterates')
+  axes.set_xlabel('masked fraction (dev)')
+  axes.set_ylabel('agreement with the unmasked prediction (dev)')
+  axes.set_title('SST-5 dev, fine-tuned MiniLM: last iterate → iterate average')
+  axes.legend(fontsize=8, loc='lower left')
+  figure.tight_layout()
+  args.figure.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(args.figure, dpi=120)
+  print(f'wrote {args.figure}')
+
+
+if __name__ == '__main__':
+  main()
