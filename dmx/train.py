@@ -225,11 +225,14 @@ def init_probe_params(key: jax.Array, model: MaskableModel, probe: nn.Module, fr
   return probe.init(key, states)
 
 
+def _fresh_copy(tree):
+  # fresh buffers: donating the state must not delete the caller's arrays,
+  # nor one copy held in the state another
+  return jax.tree_util.tree_map(jnp.array, tree)
+
+
 def _synced(tree) -> optax.LookaheadParams:
-  # fresh buffers for fast and slow weights: donating the state must not
-  # delete the caller's arrays, nor one copy the other
-  copy = lambda values: jax.tree_util.tree_map(jnp.array, values)
-  return optax.LookaheadParams(fast=copy(tree), slow=copy(tree))
+  return optax.LookaheadParams(fast=_fresh_copy(tree), slow=_fresh_copy(tree))
 
 
 def init_state(config: DiffMaskConfig, probe_params, num_states: int) -> DiffMaskState:
@@ -249,7 +252,7 @@ def init_state(config: DiffMaskConfig, probe_params, num_states: int) -> DiffMas
       running_steps=jnp.zeros((num_states,), jnp.int32),
       score_baseline=(jnp.zeros((num_states,), jnp.float32)
                       if config.gate_relaxation().gradient == relaxations.SCORE_FUNCTION else None),
-      averaged_params=(_synced(probe_params).fast if config.probe_average_decay > 0 else None),
+      averaged_params=(_fresh_copy(probe_params) if config.probe_average_decay > 0 else None),
   )
 
 

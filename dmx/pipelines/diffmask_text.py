@@ -881,6 +881,11 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
 
   eval_started = time.time()
   result = run_evaluation(evaluator, trained.probe_params, eval_features, config.eval_batch_size)
+  last_iterate = None
+  if config.probe_average_decay > 0 and config.task == 'sst':
+    # the same run's last iterate, scored the same way: what the averaging changed
+    last_scorer = scorer or make_headline_scorer(config, model, frozen_params, probe, dm_config)
+    last_iterate = last_scorer(state.last_iterate_params, eval_features)
   eval_seconds = time.time() - eval_started
   names = state_names(len(state_dims))
   save_keep_probabilities(out_dir / KEEP_PROB_FILE, result, eval_features, names)
@@ -929,10 +934,8 @@ def run_text_diffmask(config: TextDiffMaskConfig, out_dir: str | Path, *, progre
                  'steps_per_second': config.steps / trained.seconds if config.steps else None,
                  'eval_seconds': eval_seconds, 'total_seconds': time.time() - started},
   }
-  if config.probe_average_decay > 0 and config.task == 'sst':
-    # the same run's last iterate, scored the same way: what the averaging changed
-    last_scorer = scorer or make_headline_scorer(config, model, frozen_params, probe, dm_config)
-    report['last_iterate'] = last_scorer(state.last_iterate_params, eval_features)
+  if last_iterate is not None:
+    report['last_iterate'] = last_iterate
   if selection is not None:
     write_validation_figure(out_dir / f'validation_{config.gate}.png', history,
                             config.select_agreement, trained.selected_step)
