@@ -270,6 +270,65 @@ def test_probe_average_is_the_probe_reported_beside_the_last_iterate(sst_model_f
   assert 'belongs to another run' in error and 'probe_average_decay' in error and '\n' not in error
 
 
+@pytest.mark.parametrize('cached', [False, True])
+def test_mean_clean_states_averages_each_depth_over_real_tokens(minilm_tokenizer, cached):
+  model, params = tiny_bert(minilm_tokenizer, 0, head='classification', num_labels=5)
+  batch = hf_import.tokenize(minilm_tokenizer, ['a fine film .', 'no', 'it is long and dull'])
+  _, states = model.forward(params, batch)
+  if cached:  # the bucketed training batches carry the clean pass
+    batch = {**batch, 'clean_states': tuple(np.asarray(state) for state in states)}
+  means = diffmask_text.mean_clean_states(model, params, batch)
+  real = batch['mask']
+  assert not real.all()  # padding must be left out
+  assert len(means) == len(model.state_dims)
+  for state, mean in zip(states, means):
+    want = np.asarray(state, np.float64)[real].mean(axis=0)  # (dim,) over real tokens only
+    np.testing.assert_allclose(np.asarray(mean), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('gate, init', [('hidden', 'zeros'), ('hidden', 'mean_state'),
+                                        ('input', 'zeros')])
+def test_start_baselines(minilm_tokenizer, gate, init):
+  """Input gates start at [MASK]; hidden gates at zeros or at each depth's mean clean state."""
+  model, params = tiny_bert(minilm_tokenizer, 0, head='classification', num_labels=5)
+  batch = hf_import.tokenize(minilm_tokenizer, ['a fine film .', 'it is long and dull'])
+  config = diffmask_text.TextDiffMaskConfig(task='sst', model='unused', gate=gate,
+                                            hidden_baseline_init=init)
+  probe = diffmask_text.make_probe(config, model)
+  _, states = model.forward(params, batch)
+  initial = probe.init(jax.random.key(0), states)
+  started = diffmask_text.start_baselines(config, model, params, minilm_tokenizer, initial, batch)
+  baselines = probe.apply(started, method='baseline_vectors')
+  if gate == 'input':
+    want = [params['embeddings']['word_embeddings']['embedding'][minilm_tokenizer.mask_token_id]]
+  elif init == 'zeros':
+    want = [np.zeros(dim) for dim in model.state_dims]
+  else:
+    want = [np.asarray(state)[batch['mask']].mean(axis=0) for state in states]
+  assert len(baselines) == len(want)
+  for got, expected in zip(baselines, want):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_baseline_init_is_part_of_the_run_and_refused_for_input_gates(
+    sst_model_folder, tmp_path, capsys):
+  from dmx.cli import main  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'run'
+  base = ['diffmask', 'sst'] + sst_args(sst_model_folder, out, 'hidden', **{'--steps': '2'})
+  assert main(base + ['--hidden-baseline-init', 'mean_state']) == 0
+  report = json.loads((out / 'report.json').read_text())
+  assert report['config']['hidden_baseline_init'] == 'mean_state'
+  capsys.readouterr()
+  assert main(base) == 2  # a zero-started run cannot resume a mean-started one
+  error = capsys.readouterr().err.strip()
+  assert 'belongs to another run' in error and 'hidden_baseline_init' in error
+  assert '\n' not in error
+  input_gate = ['diffmask', 'sst'] + sst_args(sst_model_folder, tmp_path / 'input', 'input')
+  assert main(input_gate + ['--hidden-baseline-init', 'mean_state']) == 2
+  error = capsys.readouterr().err.strip()
+  assert 'hidden gates only' in error and '\n' not in error
+
+
 def test_more_steps_continue_a_finished_run_as_if_it_had_asked_for_them(sst_model_folder, tmp_path,
                                                                        capsys):
   from dmx.cli import main  # pylint: disable=import-outside-toplevel

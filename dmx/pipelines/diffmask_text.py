@@ -83,6 +83,7 @@ TRAIN_CHECKPOINT = 'train_checkpoint'
 SELECTED_CHECKPOINT = 'selected_probe'
 # the held-out sentences are drawn with their own seed: the same for every probe seed
 VALIDATION_SEED = 0
+HIDDEN_BASELINE_INITS = ('zeros', 'mean_state')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,12 @@ class TextDiffMaskConfig:
     probe_average_decay: evaluate and save the moving average of the probe's
       iterates with this decay instead of the last iterate (0, the original);
       see :attr:`dmx.train.DiffMaskConfig.probe_average_decay`.
+    hidden_baseline_init: where the hidden gates' baselines start: ``'zeros'``
+      (the original's choice, up to its small random init) or ``'mean_state'``,
+      the mean clean state of each depth over the real tokens of the first
+      training batch. A zero vector is far from every state (MiniLM's states
+      have norms near 10 and a few coordinates whose mean is 2-3), and at the
+      baseline's learning rate it moves about 1e-3 per coordinate per step.
     warmup_steps, sparsity, probe_learning_rate, baseline_learning_rate: passed to
       :class:`dmx.train.DiffMaskConfig` (paper: 1200, log_l0, 3e-4, 1e-3).
     relaxation: the gate distribution, among :data:`dmx.relaxations.NAMES`
@@ -151,6 +158,7 @@ class TextDiffMaskConfig:
   margin: float | None = None
   divergence_tail: float = 1.0
   probe_average_decay: float = 0.0
+  hidden_baseline_init: str = 'zeros'
   warmup_steps: int = 1200
   probe_learning_rate: float = 3e-4
   baseline_learning_rate: float = 1e-3
@@ -204,6 +212,12 @@ class TextDiffMaskConfig:
       raise ValueError(f'--divergence-tail must lie in (0, 1], got {self.divergence_tail}')
     if not 0.0 <= self.probe_average_decay < 1.0:
       raise ValueError(f'--probe-average-decay must lie in [0, 1), got {self.probe_average_decay}')
+    if self.hidden_baseline_init not in HIDDEN_BASELINE_INITS:
+      raise ValueError(f'--hidden-baseline-init must be one of {HIDDEN_BASELINE_INITS}, '
+                       f'got {self.hidden_baseline_init!r}')
+    if self.hidden_baseline_init != 'zeros' and self.gate != 'hidden':
+      raise ValueError('--hidden-baseline-init applies to hidden gates only (the input '
+                       "gate's baseline starts at the [MASK] embedding)")
     for flag, rate in (('--probe-learning-rate', self.probe_learning_rate),
                        ('--baseline-learning-rate', self.baseline_learning_rate)):
       if not rate > 0 or rate != rate:
@@ -347,6 +361,36 @@ def hold_out(features, count: int):
 def mask_token_baseline(params, tokenizer) -> jax.Array:
   """The ``(hidden,)`` word embedding of ``[MASK]``: the input-gate baseline's start."""
   return params['embeddings']['word_embeddings']['embedding'][tokenizer.mask_token_id]
+
+
+def start_baselines(config: TextDiffMaskConfig, model: BertModel, frozen_params, tokenizer,
+                    probe_params, first_batch: dict):
+  """``probe_params`` with the baselines where training starts them.
+
+  Input gates start at the ``[MASK]`` embedding; hidden gates at zeros, or with
+  ``config.hidden_baseline_init == 'mean_state'`` at :func:`mean_clean_states`
+  of ``first_batch``.
+  """
+  if config.gate == 'input':
+    return probes.set_baseline(probe_params, mask_token_baseline(frozen_params, tokenizer))
+  if config.hidden_baseline_init == 'mean_state':
+    for depth, vector in enumerate(mean_clean_states(model, frozen_params, first_batch)):
+      probe_params = probes.set_baseline(probe_params, vector, depth)
+  return probe_params
+
+
+def mean_clean_states(model: BertModel, frozen_params, batch: dict) -> tuple[jax.Array, ...]:
+  """Each depth's clean state averaged over the batch's real tokens: ``(dim_k,)`` per state.
+
+  Uses the batch's cached clean pass (``clean_states``) when it has one.
+  """
+  states = batch.get('clean_states')
+  if states is None:
+    _, states = jax.jit(model.forward)(frozen_params, batch)
+  weights = jnp.asarray(batch['mask'], jnp.float32)[..., None]  # (batch, seq, 1)
+  count = jnp.maximum(weights.sum(), 1.0)
+  return tuple((jnp.asarray(state, jnp.float32) * weights).sum(axis=(0, 1)) / count
+               for state in states)
 
 
 def state_names(num_states: int) -> list[str]:
@@ -805,9 +849,9 @@ def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tok
   # frozen parameters go in as arguments: closed over, jit would bake them in as constants
   init_probe = jax.jit(lambda frozen, key, batch: train.init_probe_params(key, model, probe, frozen,
                                                                           batch))
-  probe_params = init_probe(frozen_params, probe_key, next(batches))
-  if config.gate == 'input':
-    probe_params = probes.set_baseline(probe_params, mask_token_baseline(frozen_params, tokenizer))
+  first_batch = next(batches)
+  probe_params = start_baselines(config, model, frozen_params, tokenizer,
+                                 init_probe(frozen_params, probe_key, first_batch), first_batch)
   initial_probe_params = probe_params
   state = train.init_state(dm_config, probe_params, len(state_dims))
   train_started = time.time()
@@ -1004,7 +1048,7 @@ IN_DIFFMASK_CONFIG_FIELDS = ('relaxation', 'layers', 'divergence_tail', 'probe_a
 # options added after runs were checkpointed: left out of the fingerprint at
 # their defaults, so those runs still resume; any other value is fingerprinted
 FINGERPRINTED_UNLESS_DEFAULT = {'validation_sentences': 0, 'select_agreement': None,
-                                'validate_every': None}
+                                'validate_every': None, 'hidden_baseline_init': 'zeros'}
 
 
 def resume_fingerprint(config: TextDiffMaskConfig) -> dict:
@@ -1081,6 +1125,9 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
                       help='evaluate and save the moving average of the probe\'s iterates '
                            'with this decay, e.g. 0.999 (default 0: the last iterate, as the '
                            'original)')
+  parser.add_argument('--hidden-baseline-init', choices=HIDDEN_BASELINE_INITS, default='zeros',
+                      help='where hidden gates\' baselines start: zeros (the original) or '
+                           'each depth\'s mean clean state over the first training batch')
   parser.add_argument('--warmup-steps', type=int, default=1200)
   parser.add_argument('--probe-learning-rate', type=float, default=3e-4)
   parser.add_argument('--baseline-learning-rate', type=float, default=1e-3)
@@ -1131,7 +1178,7 @@ def config_from_args(args: argparse.Namespace, task: str) -> TextDiffMaskConfig:
       eval_batch_size=args.eval_batch_size, max_train_examples=args.max_train_examples,
       max_eval_examples=args.max_eval_examples, margin=args.margin,
       divergence_tail=args.divergence_tail, probe_average_decay=args.probe_average_decay,
-      warmup_steps=args.warmup_steps, probe_learning_rate=args.probe_learning_rate,
+      hidden_baseline_init=args.hidden_baseline_init, warmup_steps=args.warmup_steps, probe_learning_rate=args.probe_learning_rate,
       baseline_learning_rate=args.baseline_learning_rate, sparsity=args.sparsity,
       relaxation=args.relaxation, probe_form=args.probe_form,
       probe_hidden_size=args.probe_hidden_size, num_heatmap_examples=args.num_heatmaps,
