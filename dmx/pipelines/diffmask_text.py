@@ -109,11 +109,12 @@ class TextDiffMaskConfig:
       iterates with this decay instead of the last iterate (0, the original);
       see :attr:`dmx.train.DiffMaskConfig.probe_average_decay`.
     hidden_baseline_init: where the hidden gates' baselines start: ``'zeros'``
-      (the original's choice, up to its small random init) or ``'mean_state'``,
-      the mean clean state of each depth over the real tokens of the first
-      training batch. A zero vector is far from every state (MiniLM's states
-      have norms near 10 and a few coordinates whose mean is 2-3), and at the
-      baseline's learning rate it moves about 1e-3 per coordinate per step.
+      (as the original, whose learned variant starts at a small random vector)
+      or ``'mean_state'``, the mean clean state of each depth over the real
+      tokens of the first training batch. A zero vector is far from every
+      state (MiniLM's have norms near 10), and at the baseline's learning rate
+      it moves about 1e-3 per coordinate per step; yet on SST the mean-state
+      start masked less (docs/RESULTS.md).
     warmup_steps, sparsity, probe_learning_rate, baseline_learning_rate: passed to
       :class:`dmx.train.DiffMaskConfig` (paper: 1200, log_l0, 3e-4, 1e-3).
     relaxation: the gate distribution, among :data:`dmx.relaxations.NAMES`
@@ -1178,7 +1179,8 @@ def config_from_args(args: argparse.Namespace, task: str) -> TextDiffMaskConfig:
       eval_batch_size=args.eval_batch_size, max_train_examples=args.max_train_examples,
       max_eval_examples=args.max_eval_examples, margin=args.margin,
       divergence_tail=args.divergence_tail, probe_average_decay=args.probe_average_decay,
-      hidden_baseline_init=args.hidden_baseline_init, warmup_steps=args.warmup_steps, probe_learning_rate=args.probe_learning_rate,
+      hidden_baseline_init=args.hidden_baseline_init, warmup_steps=args.warmup_steps,
+      probe_learning_rate=args.probe_learning_rate,
       baseline_learning_rate=args.baseline_learning_rate, sparsity=args.sparsity,
       relaxation=args.relaxation, probe_form=args.probe_form,
       probe_hidden_size=args.probe_hidden_size, num_heatmap_examples=args.num_heatmaps,
