@@ -183,6 +183,17 @@ def set_baseline(probe_params, vector: jax.Array, layer_index: int = 0):
   return {**probe_params, 'params': inner}
 
 
+def set_baselines(probe_params, vectors):
+  """Returns probe params whose baseline ``k`` is ``vectors[k]``; the rest stay as they are.
+
+  ``vectors``: ``(dim_k,)`` arrays for the first ``len(vectors)`` baselines
+  (``()`` changes nothing).
+  """
+  for layer_index, vector in enumerate(vectors):
+    probe_params = set_baseline(probe_params, vector, layer_index)
+  return probe_params
+
+
 def gate_relaxation(relaxation: relaxations.Relaxation | None = None,
                     temperature: float | None = None,
                     stretch: Sequence[float] | None = None) -> relaxations.Relaxation:

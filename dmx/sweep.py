@@ -44,12 +44,13 @@ def member_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 def init_sweep(model: MaskableModel, frozen_params, probe: nn.Module,
                config: train.DiffMaskConfig, batch: dict, seeds: Sequence[int],
-               input_baseline: jax.Array | None = None) -> train.DiffMaskState:
+               baselines: Sequence[jax.Array] = ()) -> train.DiffMaskState:
   """Stacked fresh train states, one per seed: every leaf gets a leading ``(K,)`` axis.
 
-  ``input_baseline`` ``(hidden,)``: where the input-gate baseline starts
-  (:func:`dmx.probes.set_baseline`; ``dmx diffmask`` starts it at the
-  ``[MASK]`` embedding), the same for every member.
+  ``baselines``: ``(dim_k,)`` vectors where the probe's first baselines start
+  (:func:`dmx.probes.set_baselines`; ``dmx diffmask`` takes them from
+  :func:`dmx.pipelines.diffmask_text.initial_baselines`), the same for every
+  member; ``()`` keeps the probe's own initialisation.
   """
   if not seeds:
     raise ValueError('a sweep needs at least one seed')
@@ -60,9 +61,7 @@ def init_sweep(model: MaskableModel, frozen_params, probe: nn.Module,
                                                                      batch))
   states = []
   for seed in seeds:
-    params = init(frozen_params, member_keys(seed)[0], batch)
-    if input_baseline is not None:
-      params = probes.set_baseline(params, input_baseline)
+    params = probes.set_baselines(init(frozen_params, member_keys(seed)[0], batch), baselines)
     states.append(train.init_state(config, params, len(model.state_dims)))
   return stack_members(states)
 

@@ -274,9 +274,10 @@ def test_probe_average_is_the_probe_reported_beside_the_last_iterate(sst_model_f
 def test_mean_clean_states_averages_each_depth_over_real_tokens(minilm_tokenizer, cached):
   model, params = tiny_bert(minilm_tokenizer, 0, head='classification', num_labels=5)
   batch = hf_import.tokenize(minilm_tokenizer, ['a fine film .', 'no', 'it is long and dull'])
-  _, states = model.forward(params, batch)
+  outputs, states = model.forward(params, batch)
   if cached:  # the bucketed training batches carry the clean pass
-    batch = {**batch, 'clean_states': tuple(np.asarray(state) for state in states)}
+    batch = {**batch, 'clean_outputs': np.asarray(outputs),
+             'clean_states': tuple(np.asarray(state) for state in states)}
   means = diffmask_text.mean_clean_states(model, params, batch)
   real = batch['mask']
   assert not real.all()  # padding must be left out
@@ -288,7 +289,7 @@ def test_mean_clean_states_averages_each_depth_over_real_tokens(minilm_tokenizer
 
 @pytest.mark.parametrize('gate, init', [('hidden', 'zeros'), ('hidden', 'mean_state'),
                                         ('input', 'zeros')])
-def test_start_baselines(minilm_tokenizer, gate, init):
+def test_initial_baselines(minilm_tokenizer, gate, init):
   """Input gates start at [MASK]; hidden gates at zeros or at each depth's mean clean state."""
   model, params = tiny_bert(minilm_tokenizer, 0, head='classification', num_labels=5)
   batch = hf_import.tokenize(minilm_tokenizer, ['a fine film .', 'it is long and dull'])
@@ -297,7 +298,8 @@ def test_start_baselines(minilm_tokenizer, gate, init):
   probe = diffmask_text.make_probe(config, model)
   _, states = model.forward(params, batch)
   initial = probe.init(jax.random.key(0), states)
-  started = diffmask_text.start_baselines(config, model, params, minilm_tokenizer, initial, batch)
+  started = probes.set_baselines(initial, diffmask_text.initial_baselines(
+      config, model, params, minilm_tokenizer, batch))
   baselines = probe.apply(started, method='baseline_vectors')
   if gate == 'input':
     want = [params['embeddings']['word_embeddings']['embedding'][minilm_tokenizer.mask_token_id]]

@@ -68,6 +68,25 @@ def test_each_member_trains_like_its_separate_run(toy, gate, shared_depths):
     assert np.all(last_metrics['layer_index'] == last_metrics['layer_index'][0])
 
 
+def test_every_member_starts_at_the_given_baselines(toy):
+  model, frozen, data = toy
+  config = train.DiffMaskConfig(gate='hidden')
+  probe = probes.DiffMaskProbe(gate='hidden', state_dims=model.state_dims, hidden_size=8)
+  vectors = [jax.random.normal(jax.random.key(k), (dim,)) for k, dim in
+             enumerate(model.state_dims)]
+  states = sweep.init_sweep(model, frozen, probe, config, next(batches(data)), SEEDS,
+                            baselines=vectors)
+  for index in range(len(SEEDS)):
+    for name in ('fast', 'slow'):
+      params = getattr(sweep.member(states, index).params, name)
+      for got, want in zip(probe.apply(params, method='baseline_vectors'), vectors):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # without baselines the probe's own (zero) initialisation stays
+  plain = sweep.init_sweep(model, frozen, probe, config, next(batches(data)), SEEDS)
+  for got in probe.apply(sweep.member(plain, 0).params.fast, method='baseline_vectors'):
+    assert not np.asarray(got).any()
+
+
 def test_members_with_their_own_margin(toy):
   model, frozen, data = toy
   config = train.DiffMaskConfig(gate='hidden', warmup_steps=2, probe_learning_rate=1e-2)

@@ -364,30 +364,29 @@ def mask_token_baseline(params, tokenizer) -> jax.Array:
   return params['embeddings']['word_embeddings']['embedding'][tokenizer.mask_token_id]
 
 
-def start_baselines(config: TextDiffMaskConfig, model: BertModel, frozen_params, tokenizer,
-                    probe_params, first_batch: dict):
-  """``probe_params`` with the baselines where training starts them.
+def initial_baselines(config: TextDiffMaskConfig, model: BertModel, frozen_params, tokenizer,
+                      first_batch: dict) -> tuple[jax.Array, ...]:
+  """Where training starts the probe's baselines: ``(dim_k,)`` vectors for ``probes.set_baselines``.
 
-  Input gates start at the ``[MASK]`` embedding; hidden gates at zeros, or with
-  ``config.hidden_baseline_init == 'mean_state'`` at :func:`mean_clean_states`
-  of ``first_batch``.
+  Input gates start at the ``[MASK]`` embedding; hidden gates at zeros (``()``:
+  the probe's own initialisation), or with ``config.hidden_baseline_init ==
+  'mean_state'`` at :func:`mean_clean_states` of ``first_batch``. ``dmx
+  diffmask`` and ``dmx sweep`` both start from here.
   """
   if config.gate == 'input':
-    return probes.set_baseline(probe_params, mask_token_baseline(frozen_params, tokenizer))
+    return (mask_token_baseline(frozen_params, tokenizer),)
   if config.hidden_baseline_init == 'mean_state':
-    for depth, vector in enumerate(mean_clean_states(model, frozen_params, first_batch)):
-      probe_params = probes.set_baseline(probe_params, vector, depth)
-  return probe_params
+    return mean_clean_states(model, frozen_params, first_batch)
+  return ()
 
 
 def mean_clean_states(model: BertModel, frozen_params, batch: dict) -> tuple[jax.Array, ...]:
   """Each depth's clean state averaged over the batch's real tokens: ``(dim_k,)`` per state.
 
-  Uses the batch's cached clean pass (``clean_states``) when it has one.
+  The clean pass is :func:`dmx.train.clean_pass` (the batch's cached one when it has it).
   """
-  states = batch.get('clean_states')
-  if states is None:
-    _, states = jax.jit(model.forward)(frozen_params, batch)
+  _, states = jax.jit(lambda frozen, batch: train.clean_pass(model, frozen, batch))(
+      frozen_params, batch)
   weights = jnp.asarray(batch['mask'], jnp.float32)[..., None]  # (batch, seq, 1)
   count = jnp.maximum(weights.sum(), 1.0)
   return tuple((jnp.asarray(state, jnp.float32) * weights).sum(axis=(0, 1)) / count
@@ -851,8 +850,9 @@ def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tok
   init_probe = jax.jit(lambda frozen, key, batch: train.init_probe_params(key, model, probe, frozen,
                                                                           batch))
   first_batch = next(batches)
-  probe_params = start_baselines(config, model, frozen_params, tokenizer,
-                                 init_probe(frozen_params, probe_key, first_batch), first_batch)
+  probe_params = probes.set_baselines(
+      init_probe(frozen_params, probe_key, first_batch),
+      initial_baselines(config, model, frozen_params, tokenizer, first_batch))
   initial_probe_params = probe_params
   state = train.init_state(dm_config, probe_params, len(state_dims))
   train_started = time.time()

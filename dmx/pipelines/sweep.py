@@ -288,10 +288,10 @@ def run_sst_sweep(config, seeds: Sequence[int], out_dir: str | Path, *, timing_s
   buckets = diffmask_text.training_buckets(config, model, frozen_params, train_features,
                                            batch_size, log, progress)
   batches = bucketed_batches(buckets, batch_size, config.seed)
-  input_baseline = (diffmask_text.mask_token_baseline(frozen_params, tokenizer)
-                    if config.gate == 'input' else None)
-  states = sweep.init_sweep(model, frozen_params, probe, dm_config, next(batches), seeds,
-                            input_baseline=input_baseline)
+  first_batch = next(batches)
+  states = sweep.init_sweep(model, frozen_params, probe, dm_config, first_batch, seeds,
+                            baselines=diffmask_text.initial_baselines(
+                                config, model, frozen_params, tokenizer, first_batch))
   depth_key = jax.random.key(SST_DEPTH_SEED) if shared_depths else None
   train_started = time.perf_counter()
   states, _ = sweep.fit_sweep(
