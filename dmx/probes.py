@@ -24,7 +24,9 @@ input ``h0`` (input gates) or ``h_k`` itself (hidden gates):
   with ``b`` starting at ``initial_logit``, and input-gate logits averaged with
   the earlier layers' (eq. 9).
 
-(The original also wraps its Dense layers in weight normalisation; dmx does not.)
+The original also wraps the MLP vote's Dense layers in weight normalisation
+(``torch.nn.utils.weight_norm``); dmx offers it as ``weight_norm=True``
+(:class:`WeightNormDense`), off by default.
 """
 
 from __future__ import annotations
@@ -41,18 +43,48 @@ GATES = ('input', 'hidden')
 VOTE_FORMS = ('mlp', 'bilinear')
 
 
+class WeightNormDense(nn.Module):
+  """A dense layer with weight normalisation (Salimans & Kingma, 2016), as torch's ``weight_norm``.
+
+  ``kernel[:, j] = scale[j] * direction[:, j] / ||direction[:, j]||``: each
+  output unit's weight vector is a learned length times a learned direction,
+  so the optimiser moves the two separately. ``scale`` starts at the
+  direction's norm, so at initialisation the layer equals a plain dense layer
+  with kernel ``direction`` (torch initialises ``g`` the same way).
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """``(..., d_in) -> (..., features)``."""
+    direction = self.param('direction', nn.initializers.lecun_normal(),
+                           (inputs.shape[-1], self.features), jnp.float32)
+    scale = self.param('scale', lambda _: column_norms(direction))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    kernel = direction * (scale / column_norms(direction))
+    return inputs @ kernel + bias
+
+
+def column_norms(matrix: jax.Array) -> jax.Array:
+  """Euclidean norm of each column: ``(d_in, d_out) -> (d_out,)``."""
+  # the floor keeps the gradient finite for an all-zero column (never reached in practice)
+  return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(matrix), axis=0), 1e-30))
+
+
 class MlpVote(nn.Module):
   """The original code's bounded vote: ``scale * tanh(MLP([a; h])) + bias``."""
   hidden_size: int
   initial_logit: float = 5.0
   logit_scale: float = 10.0
+  weight_norm: bool = False
 
   @nn.compact
   def __call__(self, anchor: jax.Array, state: jax.Array) -> jax.Array:
     """``(batch, seq, d_anchor), (batch, seq, d) -> (batch, seq)``."""
     features = state if anchor is state else jnp.concatenate([anchor, state], axis=-1)
-    hidden = jnp.tanh(nn.Dense(self.hidden_size, name='hidden')(features))
-    bounded = jnp.tanh(nn.Dense(1, name='out')(hidden)[..., 0])
+    dense = WeightNormDense if self.weight_norm else nn.Dense
+    hidden = jnp.tanh(dense(self.hidden_size, name='hidden')(features))
+    bounded = jnp.tanh(dense(1, name='out')(hidden)[..., 0])
     bias = self.param('bias', nn.initializers.constant(self.initial_logit), (), jnp.float32)
     return self.logit_scale * bounded + bias
 
@@ -81,22 +113,27 @@ class DiffMaskProbe(nn.Module):
     form: ``'mlp'`` or ``'bilinear'`` (see the module docstring).
     hidden_size: width of the MLP vote's hidden layer.
     initial_logit: vote logit at initialisation (5: gates start open).
+    weight_norm: weight-normalise the MLP vote's dense layers, as the original
+      does (``'mlp'`` form only).
   """
   gate: str
   state_dims: tuple[int, ...]
   form: str = 'mlp'
   hidden_size: int = 64
   initial_logit: float = 5.0
+  weight_norm: bool = False
 
   def setup(self):
     if self.gate not in GATES:
       raise ValueError(f'unknown gate {self.gate!r}; choose one of {GATES}')
     if self.form not in VOTE_FORMS:
       raise ValueError(f'unknown vote form {self.form!r}; choose one of {VOTE_FORMS}')
+    if self.weight_norm and self.form != 'mlp':
+      raise ValueError(f'weight normalisation applies to the mlp vote only, not {self.form!r}')
     vote_cls = MlpVote if self.form == 'mlp' else BilinearVote
     kwargs = {'initial_logit': self.initial_logit}
     if self.form == 'mlp':
-      kwargs['hidden_size'] = self.hidden_size
+      kwargs.update(hidden_size=self.hidden_size, weight_norm=self.weight_norm)
     self.votes = [vote_cls(name=f'vote_{k}', **kwargs) for k in range(len(self.state_dims))]
     self.baselines = _baseline_params(self, self.gate, self.state_dims)
 

@@ -331,6 +331,35 @@ def test_hidden_baseline_init_is_part_of_the_run_and_refused_for_input_gates(
   assert 'hidden gates only' in error and '\n' not in error
 
 
+def test_probe_weight_norm_is_trained_saved_reloaded_and_part_of_the_run(sst_model_folder,
+                                                                         tmp_path, capsys):
+  """--probe-weight-norm trains the original's weight-normalised votes; explain rebuilds them."""
+  from dmx.cli import main  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'run'
+  base = ['diffmask', 'sst'] + sst_args(sst_model_folder, out, 'hidden',
+                                        **{'--steps': '2', '--warmup-steps': '0'})
+  assert main(base + ['--probe-weight-norm']) == 0
+  report = json.loads((out / 'report.json').read_text())
+  assert report['config']['probe_weight_norm'] is True
+  probe, saved, metadata, _ = explain.load_probe(out / 'probe_hidden')
+  assert metadata['weight_norm'] is True and probe.weight_norm
+  vote = saved['params']['vote_0']
+  assert set(vote['hidden']) == {'direction', 'scale', 'bias'}
+  # two steps moved the scales off their initial value, the direction's norm
+  moved = [np.abs(np.asarray(saved['params'][f'vote_{k}']['hidden']['scale'])
+                  - np.linalg.norm(saved['params'][f'vote_{k}']['hidden']['direction'], axis=0)).max()
+           for k in range(len(metadata['state_dims']))]
+  assert max(moved) > 0
+  capsys.readouterr()
+  assert main(base) == 2  # a plain probe cannot resume a weight-normalised one
+  error = capsys.readouterr().err.strip()
+  assert 'belongs to another run' in error and 'probe_weight_norm' in error and '\n' not in error
+  bilinear = ['diffmask', 'sst'] + sst_args(sst_model_folder, tmp_path / 'bilinear', 'hidden')
+  assert main(bilinear + ['--probe-form', 'bilinear', '--probe-weight-norm']) == 2
+  error = capsys.readouterr().err.strip()
+  assert '--probe-weight-norm applies to the mlp probe only' in error and '\n' not in error
+
+
 def test_more_steps_continue_a_finished_run_as_if_it_had_asked_for_them(sst_model_folder, tmp_path,
                                                                        capsys):
   from dmx.cli import main  # pylint: disable=import-outside-toplevel

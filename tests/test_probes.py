@@ -140,6 +140,119 @@ def test_bilinear_vote_matches_numpy_reference(gate):
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+# ----------------------------------------------------------------------------
+# Weight normalisation (the original's MLP vote)
+# ----------------------------------------------------------------------------
+
+def weight_norm_layer_and_params(seed=0, d_in=5, features=3):
+  """A WeightNormDense whose scale and bias are moved off their initial values."""
+  layer = probes.WeightNormDense(features)
+  params = layer.init(jax.random.key(seed), jnp.zeros((1, d_in)))['params']
+  rng = np.random.default_rng(seed + 10)
+  params = {'direction': params['direction'],
+            'scale': jnp.asarray(rng.uniform(0.5, 2.0, size=features), jnp.float32),
+            'bias': jnp.asarray(rng.normal(size=features), jnp.float32)}
+  return layer, params
+
+
+def test_weight_norm_dense_matches_numpy_reference(jit_or_not):
+  layer, params = weight_norm_layer_and_params()
+  inputs = np.random.default_rng(2).normal(size=(2, 4, 5))
+  direction, scale, bias = (np.asarray(params[name], np.float64)
+                            for name in ('direction', 'scale', 'bias'))
+  kernel = direction / np.linalg.norm(direction, axis=0, keepdims=True) * scale
+  expected = inputs @ kernel + bias
+  apply = jit_or_not(lambda p, x: layer.apply({'params': p}, x))
+  np.testing.assert_allclose(apply(params, jnp.asarray(inputs, jnp.float32)), expected,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_weight_norm_dense_starts_as_a_plain_dense_layer_with_kernel_direction():
+  layer = probes.WeightNormDense(3)
+  params = layer.init(jax.random.key(4), jnp.zeros((1, 5)))['params']
+  np.testing.assert_allclose(params['scale'], np.linalg.norm(params['direction'], axis=0),
+                             rtol=1e-6)
+  inputs = np.random.default_rng(3).normal(size=(6, 5)).astype(np.float32)
+  np.testing.assert_allclose(layer.apply({'params': params}, inputs),
+                             inputs @ np.asarray(params['direction']), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_norm_dense_matches_torch_weight_norm_values_and_gradients():
+  torch = pytest.importorskip('torch')
+  layer, params = weight_norm_layer_and_params(seed=1)
+  inputs = np.random.default_rng(5).normal(size=(4, 5))
+  weights = np.random.default_rng(6).normal(size=(4, 3))
+
+  def loss(p, x):
+    return jnp.sum(jnp.tanh(layer.apply({'params': p}, x)) * weights)
+
+  value, grads = jax.value_and_grad(loss)(params, jnp.asarray(inputs, jnp.float32))
+  linear = torch.nn.Linear(5, 3).double()
+  with torch.no_grad():
+    linear.bias.copy_(torch.tensor(np.asarray(params['bias'], np.float64)))
+  # torch keeps (out, in) weights with g of shape (out, 1): the transposes of dmx's
+  linear = torch.nn.utils.parametrizations.weight_norm(linear, dim=0)
+  with torch.no_grad():
+    linear.parametrizations.weight.original0.copy_(
+        torch.tensor(np.asarray(params['scale'], np.float64)[:, None]))
+    linear.parametrizations.weight.original1.copy_(
+        torch.tensor(np.asarray(params['direction'], np.float64).T))
+  torch_loss = (torch.tanh(linear(torch.tensor(inputs))) * torch.tensor(weights)).sum()
+  torch_loss.backward()
+  np.testing.assert_allclose(value, torch_loss.item(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grads['scale'],
+                             linear.parametrizations.weight.original0.grad.numpy()[:, 0],
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grads['direction'],
+                             linear.parametrizations.weight.original1.grad.numpy().T,
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grads['bias'], linear.bias.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_weight_norm_direction_gradient_is_orthogonal_to_the_direction():
+  """Only the direction's angle is learned through ``direction``; its length cancels."""
+  layer, params = weight_norm_layer_and_params(seed=2)
+  inputs = jnp.asarray(np.random.default_rng(7).normal(size=(8, 5)), jnp.float32)
+  grads = jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply({'params': p}, inputs))))(params)
+  radial = np.sum(np.asarray(grads['direction']) * np.asarray(params['direction']), axis=0)
+  assert np.abs(grads['direction']).max() > 1e-3
+  np.testing.assert_allclose(radial, 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize('gate', GATES)
+def test_weight_normed_mlp_vote_matches_numpy_reference(gate):
+  """``10 tanh(wn_out(tanh(wn_hidden([a; h])))) + bias`` at every depth."""
+  probe = probes.DiffMaskProbe(gate=gate, state_dims=STATE_DIMS, hidden_size=6, weight_norm=True)
+  states = make_states(seed=8)
+  params = probe.init(jax.random.key(1), states)
+  params = jax.tree.map(lambda x: x * 1.5 if x.ndim == 1 else x, params)  # scales off init
+
+  def dense(layer, features):
+    layer = jax.tree.map(lambda x: np.asarray(x, np.float64), layer)
+    direction = layer['direction']
+    kernel = direction / np.linalg.norm(direction, axis=0, keepdims=True) * layer['scale']
+    return features @ kernel + layer['bias']
+
+  expected = []
+  for k, state in enumerate(np.asarray(s, np.float64) for s in states):
+    vote = params['params'][f'vote_{k}']
+    # an input gate's vote reads [h0; h_k], except at depth 0 where it reads h0 once
+    features = state if gate == 'hidden' or k == 0 else np.concatenate(
+        [np.asarray(states[0], np.float64), state], axis=-1)
+    hidden = np.tanh(dense(vote['hidden'], features))
+    expected.append(10.0 * np.tanh(dense(vote['out'], hidden)[..., 0])
+                    + float(vote['bias']))
+  np.testing.assert_allclose(probe.apply(params, states), np.stack(expected),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_weight_norm_is_refused_for_the_bilinear_vote():
+  probe = probes.DiffMaskProbe(gate='hidden', state_dims=STATE_DIMS, form='bilinear',
+                               weight_norm=True)
+  with pytest.raises(ValueError, match='weight normalisation'):
+    probe.init(jax.random.key(0), make_states())
+
+
 def test_probe_rejects_wrong_number_of_states():
   probe, params = probe_and_params('hidden', 'mlp')
   with pytest.raises(ValueError):

@@ -121,6 +121,8 @@ class TextDiffMaskConfig:
       (paper: Hard Concrete).
     probe_form, probe_hidden_size: the probe (hidden size defaults to hidden / 4,
       the original's ``hidden_attention``).
+    probe_weight_norm: weight-normalise the MLP vote's dense layers, as the
+      original does (:class:`dmx.probes.WeightNormDense`); off by default.
     num_heatmap_examples: heatmaps drawn (one PNG each).
     bucket_width: training batches hold sequences of similar length, padded to
       a multiple of this many tokens (one compilation per bucket length).
@@ -167,6 +169,7 @@ class TextDiffMaskConfig:
   relaxation: str = 'hard_concrete'
   probe_form: str = 'mlp'
   probe_hidden_size: int | None = None
+  probe_weight_norm: bool = False
   num_heatmap_examples: int = 4
   bucket_width: int = 16
   clean_pass_cache_gb: float = 6.0
@@ -235,6 +238,9 @@ class TextDiffMaskConfig:
       raise ValueError(f'--probe-form must be one of {probes.VOTE_FORMS}, got {self.probe_form!r}')
     if self.probe_hidden_size is not None and self.probe_hidden_size < 1:
       raise ValueError(f'--probe-hidden-size must be >= 1, got {self.probe_hidden_size}')
+    if self.probe_weight_norm and self.probe_form != 'mlp':
+      raise ValueError(f'--probe-weight-norm applies to the mlp probe only, not '
+                       f'--probe-form {self.probe_form}')
     if self.bucket_width < 1:
       raise ValueError(f'--bucket-width must be >= 1, got {self.bucket_width}')
     if not (self.clean_pass_cache_gb >= 0 and math.isfinite(self.clean_pass_cache_gb)):
@@ -818,7 +824,8 @@ def make_probe(config: TextDiffMaskConfig, model: BertModel) -> probes.DiffMaskP
   """The run's probe: one vote per state, the original's width (hidden size / 4) by default."""
   state_dims = tuple(model.state_dims)
   return probes.DiffMaskProbe(gate=config.gate, state_dims=state_dims, form=config.probe_form,
-                              hidden_size=config.probe_hidden_size or max(state_dims[0] // 4, 1))
+                              hidden_size=config.probe_hidden_size or max(state_dims[0] // 4, 1),
+                              weight_norm=config.probe_weight_norm)
 
 
 def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tokenizer,
@@ -878,7 +885,7 @@ def train_probe(config: TextDiffMaskConfig, model: BertModel, frozen_params, tok
              else time.time() - train_started)
   checkpoint.save(out_dir / f'probe_{config.gate}', probe_params, dict(
       task=config.task, gate=config.gate, form=config.probe_form, hidden_size=hidden_size,
-      initial_logit=probe.initial_logit, state_dims=list(state_dims),
+      weight_norm=probe.weight_norm, initial_logit=probe.initial_logit, state_dims=list(state_dims),
       model=str(Path(config.model).expanduser().absolute()), head=TASK_HEADS[config.task],
       max_length=config.max_length, steps=int(state.step), selected_step=selected_step,
       diffmask_config=jsonable(dataclasses.asdict(dm_config))))
@@ -1049,7 +1056,8 @@ IN_DIFFMASK_CONFIG_FIELDS = ('relaxation', 'layers', 'divergence_tail', 'probe_a
 # options added after runs were checkpointed: left out of the fingerprint at
 # their defaults, so those runs still resume; any other value is fingerprinted
 FINGERPRINTED_UNLESS_DEFAULT = {'validation_sentences': 0, 'select_agreement': None,
-                                'validate_every': None, 'hidden_baseline_init': 'zeros'}
+                                'validate_every': None, 'hidden_baseline_init': 'zeros',
+                                'probe_weight_norm': False}
 
 
 def resume_fingerprint(config: TextDiffMaskConfig) -> dict:
@@ -1138,6 +1146,8 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
   parser.add_argument('--probe-form', choices=probes.VOTE_FORMS, default='mlp')
   parser.add_argument('--probe-hidden-size', type=int, default=None,
                       help='width of the probe MLP (default hidden size / 4)')
+  parser.add_argument('--probe-weight-norm', action='store_true',
+                      help="weight-normalise the probe MLP's layers, as the original does")
   parser.add_argument('--max-train-examples', type=int, default=None,
                       help='train on the first N sentences / questions')
   parser.add_argument('--max-eval-examples', type=int, default=defaults['max_eval_examples'],
@@ -1183,7 +1193,8 @@ def config_from_args(args: argparse.Namespace, task: str) -> TextDiffMaskConfig:
       probe_learning_rate=args.probe_learning_rate,
       baseline_learning_rate=args.baseline_learning_rate, sparsity=args.sparsity,
       relaxation=args.relaxation, probe_form=args.probe_form,
-      probe_hidden_size=args.probe_hidden_size, num_heatmap_examples=args.num_heatmaps,
+      probe_hidden_size=args.probe_hidden_size, probe_weight_norm=args.probe_weight_norm,
+      num_heatmap_examples=args.num_heatmaps,
       bucket_width=args.bucket_width, clean_pass_cache_gb=args.clean_pass_cache_gb,
       checkpoint_every=args.checkpoint_every,
       allow_random_head=args.allow_random_head, dtype=args.dtype, layers=args.layers,

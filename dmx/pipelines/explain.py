@@ -108,6 +108,7 @@ def load_probe(probe_dir: str | Path) -> tuple[probes.DiffMaskProbe, dict, dict,
   state_dims = tuple(int(dim) for dim in metadata['state_dims'])
   probe = probes.DiffMaskProbe(gate=metadata['gate'], state_dims=state_dims, form=metadata['form'],
                                hidden_size=int(metadata['hidden_size']),
+                               weight_norm=bool(metadata.get('weight_norm', False)),
                                initial_logit=float(metadata.get('initial_logit', 5.0)))
   # restore needs the structure and shapes only; a one-token batch gives them
   dummy_states = [np.zeros((1, 1, dim), np.float32) for dim in state_dims]
