@@ -7,7 +7,7 @@ them in the (masked fraction, agreement) plane with an arrow from the last
 iterate to the average, and the issue's target region shaded.
 
     python experiments/probe_averaging.py RUN [RUN ...] [--figure PATH]
-        [--target-masked 0.4] [--target-agreement 0.9]
+        [--target-masked 0.4] [--target-agreement 0.9] [--label-by seed|folder]
 
 Each RUN is a ``dmx diffmask sst`` output folder whose report has
 ``last_iterate`` (a run with averaging).
@@ -41,6 +41,11 @@ def main() -> None:
   parser.add_argument('--figure', type=Path, default=None, help='write the plot here (PNG)')
   parser.add_argument('--target-masked', type=float, default=0.4)
   parser.add_argument('--target-agreement', type=float, default=0.9)
+  parser.add_argument('--label-by', choices=('seed', 'folder'), default='seed',
+                      help="label each point with its gate and seed, or with the run's folder "
+                           'name (for runs of one gate and seed that differ in an option)')
+  parser.add_argument('--title', default='SST-5 dev, fine-tuned MiniLM: last iterate → '
+                                         'iterate average')
   args = parser.parse_args()
   reports = [(run, load(run)) for run in args.runs]
 
@@ -67,7 +72,9 @@ def main() -> None:
                   arrowprops=dict(arrowstyle='->', color='tab:blue', lw=1.5))
     axes.plot(*start, 'o', color='tab:gray')
     axes.plot(*end, 'o', color='tab:blue')
-    axes.annotate(f"{report['gate']} s{report['config']['seed']}", end,
+    label = (run.name if args.label_by == 'folder'
+             else f"{report['gate']} s{report['config']['seed']}")
+    axes.annotate(label, end,
                   textcoords='offset points', xytext=(5, 4), fontsize=8)
   points = [value for _, report in reports
             for value in ((report['masked_fraction'], report['agreement']),
@@ -87,7 +94,7 @@ def main() -> None:
   axes.plot([], [], 'o', color='tab:blue', label='average of the iterates')
   axes.set_xlabel('masked fraction (dev)')
   axes.set_ylabel('agreement with the unmasked prediction (dev)')
-  axes.set_title('SST-5 dev, fine-tuned MiniLM: last iterate → iterate average')
+  axes.set_title(args.title, fontsize=10)
   axes.legend(fontsize=8, loc='lower left')
   figure.tight_layout()
   args.figure.parent.mkdir(parents=True, exist_ok=True)

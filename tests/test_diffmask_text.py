@@ -288,9 +288,9 @@ def test_mean_clean_states_averages_each_depth_over_real_tokens(minilm_tokenizer
 
 
 @pytest.mark.parametrize('gate, init', [('hidden', 'zeros'), ('hidden', 'mean_state'),
-                                        ('input', 'zeros')])
+                                        ('hidden', 'mask_at_h0'), ('input', 'zeros')])
 def test_initial_baselines(minilm_tokenizer, gate, init):
-  """Input gates start at [MASK]; hidden gates at zeros or at each depth's mean clean state."""
+  """Input gates start at [MASK]; hidden gates at zeros, each depth's mean clean state, or [MASK] at h0."""
   model, params = tiny_bert(minilm_tokenizer, 0, head='classification', num_labels=5)
   batch = hf_import.tokenize(minilm_tokenizer, ['a fine film .', 'it is long and dull'])
   config = diffmask_text.TextDiffMaskConfig(task='sst', model='unused', gate=gate,
@@ -301,10 +301,14 @@ def test_initial_baselines(minilm_tokenizer, gate, init):
   started = probes.set_baselines(initial, diffmask_text.initial_baselines(
       config, model, params, minilm_tokenizer, batch))
   baselines = probe.apply(started, method='baseline_vectors')
+  mask_embedding = params['embeddings']['word_embeddings']['embedding'][
+      minilm_tokenizer.mask_token_id]
   if gate == 'input':
-    want = [params['embeddings']['word_embeddings']['embedding'][minilm_tokenizer.mask_token_id]]
+    want = [mask_embedding]
   elif init == 'zeros':
     want = [np.zeros(dim) for dim in model.state_dims]
+  elif init == 'mask_at_h0':
+    want = [mask_embedding] + [np.zeros(dim) for dim in model.state_dims[1:]]
   else:
     want = [np.asarray(state)[batch['mask']].mean(axis=0) for state in states]
   assert len(baselines) == len(want)

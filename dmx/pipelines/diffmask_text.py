@@ -83,7 +83,7 @@ TRAIN_CHECKPOINT = 'train_checkpoint'
 SELECTED_CHECKPOINT = 'selected_probe'
 # the held-out sentences are drawn with their own seed: the same for every probe seed
 VALIDATION_SEED = 0
-HIDDEN_BASELINE_INITS = ('zeros', 'mean_state')
+HIDDEN_BASELINE_INITS = ('zeros', 'mean_state', 'mask_at_h0')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +109,10 @@ class TextDiffMaskConfig:
       iterates with this decay instead of the last iterate (0, the original);
       see :attr:`dmx.train.DiffMaskConfig.probe_average_decay`.
     hidden_baseline_init: where the hidden gates' baselines start: ``'zeros'``
-      (as the original, whose learned variant starts at a small random vector)
-      or ``'mean_state'``, the mean clean state of each depth over the real
-      tokens of the first training batch. A zero vector is far from every
+      (as the original, whose learned variant starts at a small random vector),
+      ``'mean_state'``, the mean clean state of each depth over the real
+      tokens of the first training batch, or ``'mask_at_h0'``, the ``[MASK]``
+      embedding for the word-embedding state h0 and zeros elsewhere. A zero vector is far from every
       state (MiniLM's have norms near 10), and at the baseline's learning rate
       it moves about 1e-3 per coordinate per step; yet on SST the mean-state
       start masked less (docs/RESULTS.md).
@@ -376,10 +377,13 @@ def initial_baselines(config: TextDiffMaskConfig, model: BertModel, frozen_param
 
   Input gates start at the ``[MASK]`` embedding; hidden gates at zeros (``()``:
   the probe's own initialisation), or with ``config.hidden_baseline_init ==
-  'mean_state'`` at :func:`mean_clean_states` of ``first_batch``. ``dmx
-  diffmask`` and ``dmx sweep`` both start from here.
+  'mean_state'`` at :func:`mean_clean_states` of ``first_batch``, or with
+  ``'mask_at_h0'`` the word-embedding state h0 at ``[MASK]`` (what the input
+  gate replaces a word with; the original does this when it trains depth 0
+  alone) and the other depths at zeros. ``dmx diffmask`` and ``dmx sweep``
+  both start from here.
   """
-  if config.gate == 'input':
+  if config.gate == 'input' or config.hidden_baseline_init == 'mask_at_h0':
     return (mask_token_baseline(frozen_params, tokenizer),)
   if config.hidden_baseline_init == 'mean_state':
     return mean_clean_states(model, frozen_params, first_batch)
@@ -1135,8 +1139,9 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
                            'with this decay, e.g. 0.999 (default 0: the last iterate, as the '
                            'original)')
   parser.add_argument('--hidden-baseline-init', choices=HIDDEN_BASELINE_INITS, default='zeros',
-                      help='where hidden gates\' baselines start: zeros (the original) or '
-                           'each depth\'s mean clean state over the first training batch')
+                      help='where hidden gates\' baselines start: zeros (the original), '
+                           'each depth\'s mean clean state over the first training batch, or '
+                           '[MASK] at h0 and zeros elsewhere (mask_at_h0)')
   parser.add_argument('--warmup-steps', type=int, default=1200)
   parser.add_argument('--probe-learning-rate', type=float, default=3e-4)
   parser.add_argument('--baseline-learning-rate', type=float, default=1e-3)
