@@ -59,13 +59,13 @@ class WeightNormDense(nn.Module):
     """``(..., d_in) -> (..., features)``."""
     direction = self.param('direction', nn.initializers.lecun_normal(),
                            (inputs.shape[-1], self.features), jnp.float32)
-    scale = self.param('scale', lambda _: column_norms(direction))
+    scale = self.param('scale', lambda _: _column_norms(direction))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    kernel = direction * (scale / column_norms(direction))
+    kernel = direction * (scale / _column_norms(direction))
     return inputs @ kernel + bias
 
 
-def column_norms(matrix: jax.Array) -> jax.Array:
+def _column_norms(matrix: jax.Array) -> jax.Array:
   """Euclidean norm of each column: ``(d_in, d_out) -> (d_out,)``."""
   # the floor keeps the gradient finite for an all-zero column (never reached in practice)
   return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(matrix), axis=0), 1e-30))

@@ -8,6 +8,7 @@ iterate to the average, and the issue's target region shaded.
 
     python experiments/probe_averaging.py RUN [RUN ...] [--figure PATH]
         [--target-masked 0.4] [--target-agreement 0.9] [--label-by seed|folder]
+        [--per-depth]
 
 Each RUN is a ``dmx diffmask sst`` output folder whose report has
 ``last_iterate`` (a run with averaging).
@@ -23,6 +24,10 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
+import orbax.checkpoint as ocp  # pylint: disable=wrong-import-position
+
+from dmx.pipelines import diffmask_text  # pylint: disable=wrong-import-position
+
 
 def load(run: Path) -> dict:
   """The run's report; exits with one line when it has no averaged probe."""
@@ -33,6 +38,33 @@ def load(run: Path) -> dict:
   if 'last_iterate' not in report:
     sys.exit(f'{run}: the report has no last_iterate (the run did not average its probe)')
   return report
+
+
+def final_multipliers(run: Path) -> list[float]:
+  """The multiplier of every depth in the run's last train checkpoint (the end of training)."""
+  state = run / diffmask_text.TRAIN_CHECKPOINT / 'state'
+  if not state.is_dir():
+    sys.exit(f'{run}: no {diffmask_text.TRAIN_CHECKPOINT}/state to read the multipliers from')
+  with ocp.StandardCheckpointer() as checkpointer:  # the state as saved, no template
+    saved = checkpointer.restore(state.absolute())
+  return [float(value) for value in saved['multipliers']['fast']]
+
+
+def print_per_depth(reports) -> None:
+  """One markdown table: masked, agreement and final multiplier of every run at every depth."""
+  num_states = len(reports[0][1]['per_layer'])
+  names = diffmask_text.state_names(num_states)
+  print(f"\n| depth | {' | '.join(names)} |")
+  print('| --- |' + ' --- |' * num_states)
+  for run, report in reports:
+    per_layer = report['per_layer']
+    multipliers = final_multipliers(run)
+    print(f'| {run.name}: masked | '
+          + ' | '.join(f"{depth['masked_fraction']:.1%}" for depth in per_layer) + ' |')
+    print(f'| {run.name}: agreement | '
+          + ' | '.join(f"{depth['agreement']:.3f}" for depth in per_layer) + ' |')
+    print(f'| {run.name}: multiplier | '
+          + ' | '.join(f'{value:.1f}' for value in multipliers) + ' |')
 
 
 def main() -> None:
@@ -46,6 +78,10 @@ def main() -> None:
                            'name (for runs of one gate and seed that differ in an option)')
   parser.add_argument('--title', default='SST-5 dev, fine-tuned MiniLM: last iterate → '
                                          'iterate average')
+  parser.add_argument('--per-depth', action='store_true',
+                      help="also print each run's saved probe per depth: masked fraction and "
+                           'agreement (dev), and the multiplier at the end of training (from '
+                           'RUN/train_checkpoint)')
   args = parser.parse_args()
   reports = [(run, load(run)) for run in args.runs]
 
@@ -60,6 +96,8 @@ def main() -> None:
           f"{last['macro_f1_masked']:.3f} "
           f"| {report['masked_fraction']:.1%} / {report['agreement']:.3f} / "
           f"{report['macro_f1_masked']:.3f} |")
+  if args.per_depth:
+    print_per_depth(reports)
 
   if args.figure is None:
     return

@@ -290,7 +290,8 @@ def test_mean_clean_states_averages_each_depth_over_real_tokens(minilm_tokenizer
 @pytest.mark.parametrize('gate, init', [('hidden', 'zeros'), ('hidden', 'mean_state'),
                                         ('hidden', 'mask_at_h0'), ('input', 'zeros')])
 def test_initial_baselines(minilm_tokenizer, gate, init):
-  """Input gates start at [MASK]; hidden gates at zeros, each depth's mean clean state, or [MASK] at h0."""
+  """Input gates start at [MASK]; hidden gates at zeros, at each depth's mean clean state,
+  or at [MASK] for h0 and zeros elsewhere."""
   model, params = tiny_bert(minilm_tokenizer, 0, head='classification', num_labels=5)
   batch = hf_import.tokenize(minilm_tokenizer, ['a fine film .', 'it is long and dull'])
   config = diffmask_text.TextDiffMaskConfig(task='sst', model='unused', gate=gate,
@@ -350,9 +351,10 @@ def test_probe_weight_norm_is_trained_saved_reloaded_and_part_of_the_run(sst_mod
   vote = saved['params']['vote_0']
   assert set(vote['hidden']) == {'direction', 'scale', 'bias'}
   # two steps moved the scales off their initial value, the direction's norm
-  moved = [np.abs(np.asarray(saved['params'][f'vote_{k}']['hidden']['scale'])
-                  - np.linalg.norm(saved['params'][f'vote_{k}']['hidden']['direction'], axis=0)).max()
-           for k in range(len(metadata['state_dims']))]
+  hidden_layers = [saved['params'][f'vote_{k}']['hidden']
+                   for k in range(len(metadata['state_dims']))]
+  moved = [np.abs(np.asarray(layer['scale'])
+                  - np.linalg.norm(layer['direction'], axis=0)).max() for layer in hidden_layers]
   assert max(moved) > 0
   capsys.readouterr()
   assert main(base) == 2  # a plain probe cannot resume a weight-normalised one

@@ -112,10 +112,10 @@ class TextDiffMaskConfig:
       (as the original, whose learned variant starts at a small random vector),
       ``'mean_state'``, the mean clean state of each depth over the real
       tokens of the first training batch, or ``'mask_at_h0'``, the ``[MASK]``
-      embedding for the word-embedding state h0 and zeros elsewhere. A zero vector is far from every
-      state (MiniLM's have norms near 10), and at the baseline's learning rate
-      it moves about 1e-3 per coordinate per step; yet on SST the mean-state
-      start masked less (docs/RESULTS.md).
+      embedding for the word-embedding state h0 and zeros elsewhere. A zero
+      vector is far from every state (MiniLM's have norms near 10), and at the
+      baseline's learning rate it moves about 1e-3 per coordinate per step;
+      yet on SST the mean-state start masked less (docs/RESULTS.md).
     warmup_steps, sparsity, probe_learning_rate, baseline_learning_rate: passed to
       :class:`dmx.train.DiffMaskConfig` (paper: 1200, log_l0, 3e-4, 1e-3).
     relaxation: the gate distribution, among :data:`dmx.relaxations.NAMES`
