@@ -24,8 +24,6 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
-import orbax.checkpoint as ocp  # pylint: disable=wrong-import-position
-
 from dmx.pipelines import diffmask_text  # pylint: disable=wrong-import-position
 
 
@@ -40,31 +38,24 @@ def load(run: Path) -> dict:
   return report
 
 
-def final_multipliers(run: Path) -> list[float]:
-  """The multiplier of every depth in the run's last train checkpoint (the end of training)."""
-  state = run / diffmask_text.TRAIN_CHECKPOINT / 'state'
-  if not state.is_dir():
-    sys.exit(f'{run}: no {diffmask_text.TRAIN_CHECKPOINT}/state to read the multipliers from')
-  with ocp.StandardCheckpointer() as checkpointer:  # the state as saved, no template
-    saved = checkpointer.restore(state.absolute())
-  return [float(value) for value in saved['multipliers']['fast']]
-
-
 def print_per_depth(reports) -> None:
-  """One markdown table: masked, agreement and final multiplier of every run at every depth."""
+  """One markdown table: masked, agreement and final multiplier of every run at every depth.
+
+  All three come from the report's ``per_layer``; its multiplier is the train
+  state's at the end of training.
+  """
   num_states = len(reports[0][1]['per_layer'])
   names = diffmask_text.state_names(num_states)
   print(f"\n| depth | {' | '.join(names)} |")
   print('| --- |' + ' --- |' * num_states)
   for run, report in reports:
     per_layer = report['per_layer']
-    multipliers = final_multipliers(run)
     print(f'| {run.name}: masked | '
           + ' | '.join(f"{depth['masked_fraction']:.1%}" for depth in per_layer) + ' |')
     print(f'| {run.name}: agreement | '
           + ' | '.join(f"{depth['agreement']:.3f}" for depth in per_layer) + ' |')
     print(f'| {run.name}: multiplier | '
-          + ' | '.join(f'{value:.1f}' for value in multipliers) + ' |')
+          + ' | '.join(f"{depth['multiplier']:.1f}" for depth in per_layer) + ' |')
 
 
 def main() -> None:
@@ -80,8 +71,7 @@ def main() -> None:
                                          'iterate average')
   parser.add_argument('--per-depth', action='store_true',
                       help="also print each run's saved probe per depth: masked fraction and "
-                           'agreement (dev), and the multiplier at the end of training (from '
-                           'RUN/train_checkpoint)')
+                           'agreement (dev), and the multiplier at the end of training')
   args = parser.parse_args()
   reports = [(run, load(run)) for run in args.runs]
 
