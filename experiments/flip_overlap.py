@@ -68,7 +68,7 @@ def main() -> None:
     print(f'| {run.name} | {flipped.sum()} | {max(0, flipped.sum() - (num_depths * num_sentences - bar))} '
           f'| {np.sum(depths_flipped > 0)} | {np.sum(depths_flipped >= 3)} |')
   every_pair = flips.all(0)
-  every_sentence = (flips.any(1)).all(0)
+  every_sentence = flips.any(1).all(0)
   print(f'\nflipped by every run: {every_pair.sum()} pairs, {every_sentence.sum()} sentences '
         f'(of {num_sentences} sentences, {num_depths} depths, {len(args.runs)} runs)')
 
