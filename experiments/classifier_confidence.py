@@ -21,6 +21,23 @@ from dmx.data.common import padded_batches
 from dmx.models.hf_import import load_pretrained
 
 
+def clean_probabilities(model_dir: str, split: str, data_dir: str | None,
+                        max_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(probabilities (sentences, classes), labels (sentences,))`` of the unmasked classifier."""
+  model, params, tokenizer = load_pretrained(model_dir, head='auto', random_head=False)
+  features = sst.encode_sst(sst.load_sst(split, data_dir), tokenizer, max_length)
+  forward = jax.jit(lambda params, batch: model.forward(params, batch)[0])
+  logits = np.concatenate([np.asarray(forward(params, batch))[:count]
+                           for batch, count in padded_batches(features, 128)])
+  return np.asarray(jax.nn.softmax(logits, axis=-1)), features.labels
+
+
+def top_two_gap(probabilities: np.ndarray) -> np.ndarray:
+  """``(sentences,)`` largest minus second-largest class probability."""
+  ranked = np.sort(probabilities, axis=-1)
+  return ranked[:, -1] - ranked[:, -2]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('model', help='fine-tuned SST-5 classifier folder')
@@ -28,15 +45,10 @@ def main() -> None:
   parser.add_argument('--max-length', type=int, default=66)
   parser.add_argument('--split', choices=('dev', 'train'), default='dev')
   args = parser.parse_args()
-  model, params, tokenizer = load_pretrained(args.model, head='auto', random_head=False)
-  features = sst.encode_sst(sst.load_sst(args.split, args.data), tokenizer, args.max_length)
-  forward = jax.jit(lambda params, batch: model.forward(params, batch)[0])
-  logits = np.concatenate([np.asarray(forward(params, batch))[:count]
-                           for batch, count in padded_batches(features, 128)])
-  ranked = np.sort(np.asarray(jax.nn.softmax(logits, axis=-1)), axis=-1)
-  gap = ranked[:, -1] - ranked[:, -2]
-  print(f'{args.model}: {args.split} accuracy {np.mean(logits.argmax(-1) == features.labels):.4f}, '
-        f'mean largest probability {ranked[:, -1].mean():.3f}')
+  probabilities, labels = clean_probabilities(args.model, args.split, args.data, args.max_length)
+  gap = top_two_gap(probabilities)
+  print(f'{args.model}: {args.split} accuracy {np.mean(probabilities.argmax(-1) == labels):.4f}, '
+        f'mean largest probability {probabilities.max(-1).mean():.3f}')
   for threshold in (0.02, 0.05, 0.1, 0.2):
     print(f'  top-two gap < {threshold}: {np.mean(gap < threshold):.3f} of {len(gap)} sentences')
 

@@ -15,14 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 
-from dmx.data import sst
-from dmx.data.common import padded_batches
-from dmx.models.hf_import import load_pretrained
+from classifier_confidence import clean_probabilities, top_two_gap
 
-GAP_EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 1.0)
+GAP_EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 1.0)  # the last bin holds every gap >= 0.2
 
 
 def load_flips(run: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -32,17 +29,6 @@ def load_flips(run: Path) -> tuple[np.ndarray, np.ndarray]:
     sys.exit(f'{run}: no keep_prob.npz (not a finished dmx diffmask sst run)')
   arrays = np.load(path)
   return arrays['input_ids'], arrays['masked_predictions'] != arrays['predictions'][None]
-
-
-def top_two_gap(model_dir: str, data_dir: str | None, max_length: int) -> np.ndarray:
-  """The clean classifier's largest minus second-largest class probability, per dev sentence."""
-  model, params, tokenizer = load_pretrained(model_dir, head='auto', random_head=False)
-  features = sst.encode_sst(sst.load_sst('dev', data_dir), tokenizer, max_length)
-  forward = jax.jit(lambda params, batch: model.forward(params, batch)[0])
-  logits = np.concatenate([np.asarray(forward(params, batch))[:count]
-                           for batch, count in padded_batches(features, 128)])
-  ranked = np.sort(np.asarray(jax.nn.softmax(logits, axis=-1)), axis=-1)
-  return ranked[:, -1] - ranked[:, -2]
 
 
 def main() -> None:
@@ -59,13 +45,13 @@ def main() -> None:
       sys.exit(f'{run}: scored on other sentences than {args.runs[0]}')
   flips = np.stack([flipped for _, flipped in loaded])  # (runs, depths, sentences)
   num_depths, num_sentences = flips.shape[1:]
-  bar = int(np.ceil(0.9 * num_depths * num_sentences))
+  allowed_flips = num_depths * num_sentences - int(np.ceil(0.9 * num_depths * num_sentences))
 
   print('| run | flipped pairs | pairs to unflip for agreement 0.90 | sentences flipped at some depth | at 3+ depths |')
   print('| --- | --- | --- | --- | --- |')
   for run, flipped in zip(args.runs, flips):
     depths_flipped = flipped.sum(0)
-    print(f'| {run.name} | {flipped.sum()} | {max(0, flipped.sum() - (num_depths * num_sentences - bar))} '
+    print(f'| {run.name} | {flipped.sum()} | {max(0, flipped.sum() - allowed_flips)} '
           f'| {np.sum(depths_flipped > 0)} | {np.sum(depths_flipped >= 3)} |')
   every_pair = flips.all(0)
   every_sentence = flips.any(1).all(0)
@@ -73,12 +59,13 @@ def main() -> None:
         f'(of {num_sentences} sentences, {num_depths} depths, {len(args.runs)} runs)')
 
   if args.model:
-    gap = top_two_gap(args.model, args.data, input_ids.shape[1])
+    gap = top_two_gap(clean_probabilities(args.model, 'dev', args.data, input_ids.shape[1])[0])
+    gap_bin = np.digitize(gap, GAP_EDGES[1:-1])  # (sentences,) index of the row below
     print('\n| clean top-two gap | sentences | '
           + ' | '.join(f'{run.name}: flip rate (share of its flips)' for run in args.runs) + ' |')
     print('| --- | --- |' + ' --- |' * len(args.runs))
-    for low, high in zip(GAP_EDGES[:-1], GAP_EDGES[1:]):
-      chosen = (gap >= low) & (gap < high) if high < 1.0 else gap >= low
+    for row, (low, high) in enumerate(zip(GAP_EDGES[:-1], GAP_EDGES[1:])):
+      chosen = gap_bin == row
       rates = ' | '.join(f'{flipped[:, chosen].mean():.3f} ({flipped[:, chosen].sum() / flipped.sum():.0%})'
                          if chosen.any() else '-' for flipped in flips)
       print(f'| [{low}, {high}) | {chosen.sum()} | {rates} |')
