@@ -9,6 +9,13 @@ The paper constrains the batch mean of the divergence, so a few sentences far
 over the margin can be paid for by many under it. :func:`tail_divergence`
 offers the stricter constraint on the mean of the worst fraction of the batch
 (its conditional value at risk), which reaches each sentence's divergence.
+
+A KL bound does not protect near-ties: when the clean model's two best classes
+are almost equally likely, swapping them costs a KL far below any margin that
+leaves room to mask, so the masked prediction flips at no cost.
+:func:`argmax_flip` measures how far such a flip goes, and the trainer can add
+it to the constrained divergence (``DiffMaskConfig.flip_penalty``, off by
+default; not part of the paper's objective).
 """
 
 from __future__ import annotations
@@ -69,6 +76,40 @@ def output_divergence(kind: str, reference_outputs: jax.Array,
     per_head = squared_error(reference_outputs, other_outputs)
   else:
     raise ValueError(f'unknown divergence {kind!r}; choose one of {DIVERGENCES}')
+  return per_head.reshape(per_head.shape[0], -1).sum(axis=-1)
+
+
+def argmax_flip(reference_logits: jax.Array, other_logits: jax.Array) -> jax.Array:
+  """How far the masked output's best rival beats the clean argmax, per example.
+
+  For each head, with ``c`` the argmax of ``reference_logits``:
+  ``relu(max_{j != c} other_j - other_c)``, the log-probability ratio by
+  which the masked pass prefers another class (0 while it keeps ``c``);
+  heads are summed as in :func:`output_divergence`. Its gradient reaches
+  exactly the examples whose prediction flipped, however small their KL.
+
+  Safe for ``-inf`` logits (masked padding): they are never a rival, and a
+  head with a single finite class never flips.
+
+  Args:
+    reference_logits: ``(batch, ..., classes)``, the clean model's output.
+    other_logits: ``(batch, ..., classes)``, the masked model's output.
+
+  Returns:
+    ``(batch,)`` float32 flip sizes, ``>= 0``.
+  """
+  reference_logits = reference_logits.astype(jnp.float32)
+  other_logits = other_logits.astype(jnp.float32)
+  num_classes = reference_logits.shape[-1]
+  clean_class = jax.nn.one_hot(jnp.argmax(reference_logits, axis=-1), num_classes, dtype=bool)
+  # padding (-inf in either pass) is never a rival; a finite stand-in keeps
+  # -inf - -inf out of the value and the gradient
+  finite = jnp.isfinite(other_logits) & jnp.isfinite(reference_logits)
+  lowest = jnp.finfo(jnp.float32).min / 4
+  safe_other = jnp.where(finite, other_logits, lowest)
+  kept = jnp.sum(jnp.where(clean_class, safe_other, 0.0), axis=-1)
+  best_rival = jnp.max(jnp.where(clean_class | ~finite, lowest, safe_other), axis=-1)
+  per_head = jnp.where(best_rival > lowest, jax.nn.relu(best_rival - kept), 0.0)
   return per_head.reshape(per_head.shape[0], -1).sum(axis=-1)
 
 

@@ -46,6 +46,13 @@ class DiffMaskConfig:
       examples far over the margin be paid for by many under it; smaller
       fractions push on exactly those few.
     divergence: ``'kl'`` for ``KL(y || y_hat)`` or ``'squared_error'``.
+    flip_penalty: ``w >= 0``; the constraint then bounds
+      ``D + w * argmax_flip`` (:func:`dmx.objective.argmax_flip`): a masked
+      pass that changes the clean prediction pays the log-probability ratio
+      of its flip on top of its KL. Near-ties flip at a KL far below the
+      margin, so the paper's bound does not see them. ``0``, the paper's and
+      the original's objective, leaves the constraint as it is. Needs
+      ``divergence='kl'`` (class logits).
     sparsity: ``'log_l0'`` (original: mean ``log P(z != 0)``) or ``'l0'``
       (paper: expected L0, mean ``P(z != 0)``).
     temperature, stretch: the Hard Concrete parameters.
@@ -77,6 +84,7 @@ class DiffMaskConfig:
   margin: float = 0.1
   divergence_tail: float = 1.0
   divergence: str = 'kl'
+  flip_penalty: float = 0.0
   sparsity: str = 'log_l0'
   temperature: float = hard_concrete.DEFAULT_TEMPERATURE
   stretch: tuple[float, float] = hard_concrete.DEFAULT_STRETCH
@@ -128,6 +136,10 @@ class DiffMaskConfig:
       raise ValueError(f'margin must be >= 0, got {self.margin}')
     if not 0.0 < self.divergence_tail <= 1.0:
       raise ValueError(f'divergence_tail must lie in (0, 1], got {self.divergence_tail}')
+    if not self.flip_penalty >= 0:  # also refuses NaN
+      raise ValueError(f'flip_penalty must be >= 0, got {self.flip_penalty}')
+    if self.flip_penalty > 0 and self.divergence != 'kl':
+      raise ValueError('flip_penalty needs divergence="kl": a flip is a change of argmax class')
     for name in ('probe_learning_rate', 'baseline_learning_rate', 'multiplier_learning_rate',
                  'multiplier_max'):
       if not getattr(self, name) > 0:
@@ -337,7 +349,8 @@ def make_gradient_fn(model: MaskableModel, probe: nn.Module, config: DiffMaskCon
   ``open_fraction``, ``agreement``) and the depth used. The constraint bounds
   ``constrained_divergence``: the batch mean of ``D``, or with
   ``config.divergence_tail < 1`` the mean of the batch's worst tail (over the
-  global batch when sharded).
+  global batch when sharded); with ``config.flip_penalty > 0`` ``D`` there is
+  ``KL + flip_penalty * argmax_flip`` (``divergence`` stays the plain KL).
   Exposed so that the estimator itself can be studied, e.g. its variance over
   gate-noise draws (``dmx compare relaxations``).
 
@@ -392,7 +405,11 @@ def make_gradient_fn(model: MaskableModel, probe: nn.Module, config: DiffMaskCon
       masked_outputs = masked_pass(model, frozen_params, batch, states, config.gate, gates,
                                    baselines, layer_index)
       divergence = objective.output_divergence(config.divergence, outputs, masked_outputs)
-      constrained = constrained_divergence(divergence)
+      penalised = divergence
+      if config.flip_penalty > 0:
+        penalised = divergence + config.flip_penalty * objective.argmax_flip(outputs,
+                                                                             masked_outputs)
+      constrained = constrained_divergence(penalised)
       sparsity = objective.sparsity_loss(config.sparsity, log_keep, mask)
       loss = objective.lagrangian(multipliers[layer_index], constrained, margin, sparsity)
       if score_function:

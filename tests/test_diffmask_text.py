@@ -151,6 +151,7 @@ def test_bad_input_errors(sst_model_folder, qa_model_folder, tmp_path, minilm_to
                                  ('--max-length', '4096', 'model limit'),
                                  ('--margin', 'nan', 'margin'),
                                  ('--divergence-tail', '0', 'divergence-tail'),
+                                 ('--flip-penalty', '-1', 'flip-penalty'),
                                  ('--probe-average-decay', '1', 'probe-average-decay'),
                                  ('--max-eval-examples', '0', 'max-eval-examples')]:
     with pytest.raises(ValueError, match=message):
@@ -228,20 +229,23 @@ def test_layers_out_of_range_or_changed_on_resume_is_refused(sst_model_folder, t
   assert 'belongs to another run' in error and 'layers' in error and '\n' not in error
 
 
-def test_divergence_tail_reaches_the_trainer_and_is_part_of_the_run(sst_model_folder, tmp_path,
-                                                                     capsys):
+@pytest.mark.parametrize('option, field', [('--divergence-tail', 'divergence_tail'),
+                                           ('--flip-penalty', 'flip_penalty')])
+def test_constraint_option_reaches_the_trainer_and_is_part_of_the_run(
+    sst_model_folder, tmp_path, capsys, option, field):
+  """Both options make the constrained term at least the KL; the paper's cannot resume them."""
   from dmx.cli import main  # pylint: disable=import-outside-toplevel
   out = tmp_path / 'run'
   base = ['diffmask', 'sst'] + sst_args(sst_model_folder, out, 'hidden', **{'--steps': '2'})
-  assert main(base + ['--divergence-tail', '0.5']) == 0
+  assert main(base + [option, '0.5']) == 0
   report = json.loads((out / 'report.json').read_text())
-  assert report['diffmask_config']['divergence_tail'] == 0.5
+  assert report['diffmask_config'][field] == 0.5
   steps = report['training']
   assert all(step['constrained_divergence'] >= step['divergence'] for step in steps)
   capsys.readouterr()
-  assert main(base) == 2  # the batch-mean constraint cannot resume a tail-constrained run
+  assert main(base) == 2
   error = capsys.readouterr().err.strip()
-  assert 'belongs to another run' in error and 'divergence_tail' in error and '\n' not in error
+  assert 'belongs to another run' in error and field in error and '\n' not in error
 
 
 def test_probe_average_is_the_probe_reported_beside_the_last_iterate(sst_model_folder, tmp_path,

@@ -320,3 +320,92 @@ def test_whole_batch_tail_is_the_mean():
 def test_tail_threshold_rejects_fractions_outside_zero_one(tail_fraction):
   with pytest.raises(ValueError, match='tail_fraction'):
     objective.tail_threshold(jnp.ones(4), tail_fraction)
+
+
+# ----------------------------------------------------------------------------
+# argmax_flip
+# ----------------------------------------------------------------------------
+
+def numpy_argmax_flip(reference_logits, other_logits):
+  """Per head: the masked pass's best finite rival minus its logit for the clean argmax (>= 0)."""
+  reference = np.asarray(reference_logits, np.float64)
+  other = np.asarray(other_logits, np.float64)
+  heads_reference = reference.reshape(-1, reference.shape[-1])
+  heads_other = other.reshape(-1, other.shape[-1])
+  flips = np.zeros(len(heads_reference))
+  for head, (clean, masked) in enumerate(zip(heads_reference, heads_other)):
+    if not np.isfinite(clean).any():
+      continue  # an empty head has no prediction to keep
+    kept = int(np.argmax(clean))
+    rivals = [masked[j] for j in range(len(masked))
+              if j != kept and np.isfinite(masked[j]) and np.isfinite(clean[j])]
+    if rivals:
+      flips[head] = max(0.0, max(rivals) - masked[kept])
+  return flips.reshape(reference.shape[0], -1).sum(axis=-1)
+
+
+@pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])
+@pytest.mark.parametrize('shape', [(16, 5), (6, 2, 9), (8, 1)])
+def test_argmax_flip_matches_numpy(use_jit, shape):
+  rng = np.random.default_rng(shape[-1])
+  reference = rng.normal(0.0, 1.0, shape).astype(np.float32)
+  other = reference + rng.normal(0.0, 1.0, shape).astype(np.float32)
+  flip = jax.jit(objective.argmax_flip) if use_jit else objective.argmax_flip
+  result = flip(jnp.asarray(reference), jnp.asarray(other))
+  assert result.shape == (shape[0],) and result.dtype == jnp.float32
+  expected = numpy_argmax_flip(reference, other)
+  np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6)
+  if shape[-1] > 1:  # the sample has flipped and kept rows, or the test proves nothing
+    assert (expected > 0).any() and (expected == 0).any()
+
+
+def test_argmax_flip_is_zero_when_the_prediction_is_kept_and_ignores_the_clean_gap():
+  reference = jnp.array([[2.0, 1.99, 0.0], [0.0, 5.0, -3.0]])
+  # the clean argmax survives, however much its lead shrinks or grows
+  other = jnp.array([[0.5, 0.49, 0.4], [-9.0, 20.0, -9.0]])
+  np.testing.assert_array_equal(objective.argmax_flip(reference, other), [0.0, 0.0])
+  # a swap of a near-tie: KL is tiny, the flip is the masked logit ratio
+  swapped = jnp.array([[1.99, 2.0, 0.0], [0.0, 5.0, -3.0]])
+  np.testing.assert_allclose(objective.argmax_flip(reference, swapped), [0.01, 0.0], atol=1e-6)
+  assert float(objective.kl_divergence(reference, swapped)[0]) < 1e-4
+
+
+def test_argmax_flip_with_minus_inf_padding_empty_and_single_class_heads_has_finite_gradients():
+  reference, other, padding = _masked_logits()
+  result = objective.argmax_flip(jnp.asarray(reference), jnp.asarray(other))
+  np.testing.assert_allclose(result, numpy_argmax_flip(reference, other), rtol=1e-6, atol=1e-6)
+  grad = np.asarray(jax.grad(lambda o: objective.argmax_flip(jnp.asarray(reference), o).sum())(
+      jnp.asarray(other)))
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_array_equal(grad[padding], 0.0)
+  # a flipped row's gradient is +1 on its best rival and -1 on the clean class
+  for row in np.flatnonzero(np.asarray(result) > 0):
+    support = ~padding[row]
+    kept = int(np.argmax(reference[row]))
+    masked = np.where(support, other[row], -np.inf)
+    masked[kept] = -np.inf
+    expected = np.zeros(6)
+    expected[kept], expected[int(np.argmax(masked))] = -1.0, 1.0
+    np.testing.assert_array_equal(grad[row], expected)
+  # an all-padding head (an empty input) and a one-class head (a length-1 input)
+  empty = jnp.full((2, 4), -jnp.inf).at[1, 0].set(3.0)
+  flips, grad = jax.value_and_grad(lambda o: objective.argmax_flip(empty, o).sum())(
+      empty.at[1, 0].set(-50.0))
+  np.testing.assert_array_equal(flips, 0.0)
+  assert np.all(np.asarray(grad) == 0.0)
+
+
+def test_argmax_flip_accepts_bfloat16_and_extreme_logits():
+  reference = jnp.array([[1e30, 0.0, -1e30], [0.0, 1.0, 2.0]], jnp.float32)
+  other = jnp.array([[-1e30, 1e30, 0.0], [0.0, 1.0, 2.0]], jnp.float32)
+  result = np.asarray(objective.argmax_flip(reference, other))
+  assert np.all(np.isfinite(result)) and result[0] == pytest.approx(2e30) and result[1] == 0.0
+  rng = np.random.default_rng(5)
+  reference = rng.normal(0.0, 2.0, (12, 5)).astype(np.float32)
+  other = rng.normal(0.0, 2.0, (12, 5)).astype(np.float32)
+  as_bf16 = objective.argmax_flip(jnp.asarray(reference, jnp.bfloat16),
+                                  jnp.asarray(other, jnp.bfloat16))
+  assert as_bf16.dtype == jnp.float32
+  rounded = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_allclose(as_bf16, numpy_argmax_flip(rounded(reference), rounded(other)),
+                             rtol=1e-6, atol=1e-6)

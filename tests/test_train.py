@@ -169,6 +169,8 @@ def test_layer_sampling_restricted_and_slowed():
     dict(multiplier_init=300.0), dict(layers=()), dict(dual_optimizer='adam'),
     dict(divergence_tail=0.0), dict(divergence_tail=1.5),
     dict(probe_average_decay=-0.1), dict(probe_average_decay=1.0),
+    dict(flip_penalty=-0.1), dict(flip_penalty=float('nan')),
+    dict(flip_penalty=0.1, divergence='squared_error'),
 ])
 def test_config_rejects_nonsense(overrides):
   with pytest.raises(ValueError):
@@ -216,8 +218,8 @@ def test_given_layer_index_is_trained_instead_of_a_sampled_one(toy_setup):
     np.testing.assert_allclose(np.asarray(given[name]), np.asarray(sampled[name]), rtol=1e-6)
 
 
-def _per_example_divergences(model, frozen, batch, probe, state, config, key, layer_index):
-  """The divergences of one step's gate sample, example by example, from the public pieces."""
+def _one_step_outputs(model, frozen, batch, probe, state, config, key, layer_index):
+  """The clean and masked outputs of one step's gate sample, from the public pieces."""
   _, gate_key = jax.random.split(key)
   outputs, states = train.clean_pass(model, frozen, batch)
   vote_logits = probe.apply(state.params.fast, states)
@@ -226,6 +228,13 @@ def _per_example_divergences(model, frozen, batch, probe, state, config, key, la
                                  relaxation=config.gate_relaxation())
   masked = train.masked_pass(model, frozen, batch, states, config.gate, gates, baselines,
                              layer_index)
+  return outputs, masked
+
+
+def _per_example_divergences(model, frozen, batch, probe, state, config, key, layer_index):
+  """The divergences of one step's gate sample, example by example."""
+  outputs, masked = _one_step_outputs(model, frozen, batch, probe, state, config, key,
+                                      layer_index)
   return np.asarray(objective.output_divergence(config.divergence, outputs, masked), np.float64)
 
 
@@ -250,6 +259,32 @@ def test_divergence_tail_constrains_the_worst_examples(toy_setup, gate):
     expected = np.zeros(len(model.state_dims))
     expected[int(layer_index)] = constrained - margin
     np.testing.assert_allclose(multiplier_grads, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize('gate', ['input', 'hidden'])
+def test_flip_penalty_adds_the_flips_to_the_constrained_divergence(toy_setup, gate):
+  """``constrained_divergence`` is mean(KL + w * argmax_flip); ``divergence`` stays the KL."""
+  model, frozen, batch = toy_setup
+  key, layer_index, margin, weight = jax.random.key(6), jnp.int32(1), 0.01, 0.3
+  plain = train.DiffMaskConfig(gate=gate, warmup_steps=0, margin=margin)
+  penalised = dataclasses.replace(plain, flip_penalty=weight)
+  probe, state = _state(model, frozen, batch, plain, initial_logit=0.0)
+  outputs, masked = _one_step_outputs(model, frozen, batch, probe, state, plain, key,
+                                      layer_index)
+  kl = np.asarray(objective.output_divergence('kl', outputs, masked), np.float64)
+  flips = np.asarray(objective.argmax_flip(outputs, masked), np.float64)
+  assert (flips > 0).any()  # some sampled masks flip, or the penalty is not exercised
+
+  for config, constrained in ((plain, kl.mean()), (penalised, (kl + weight * flips).mean())):
+    gradients = jax.jit(train.make_gradient_fn(model, probe, config))
+    _, aux, probe_grads, multiplier_grads, _ = gradients(state, frozen, batch, key, None,
+                                                         layer_index)
+    np.testing.assert_allclose(aux['divergence'], kl.mean(), rtol=1e-5)
+    np.testing.assert_allclose(aux['constrained_divergence'], constrained, rtol=1e-5)
+    expected = np.zeros(len(model.state_dims))
+    expected[int(layer_index)] = constrained - margin
+    np.testing.assert_allclose(multiplier_grads, expected, rtol=1e-5, atol=1e-8)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(probe_grads))
 
 
 @pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])

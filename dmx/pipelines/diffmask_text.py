@@ -105,6 +105,9 @@ class TextDiffMaskConfig:
     divergence_tail: bound the mean divergence of the worst fraction of each
       batch instead of the batch mean (1.0, the paper's constraint); see
       :attr:`dmx.train.DiffMaskConfig.divergence_tail`.
+    flip_penalty: add this weight times the size of each flipped prediction
+      to the constrained divergence (0, the paper's objective); see
+      :attr:`dmx.train.DiffMaskConfig.flip_penalty`.
     probe_average_decay: evaluate and save the moving average of the probe's
       iterates with this decay instead of the last iterate (0, the original);
       see :attr:`dmx.train.DiffMaskConfig.probe_average_decay`.
@@ -161,6 +164,7 @@ class TextDiffMaskConfig:
   max_eval_examples: int | None = None
   margin: float | None = None
   divergence_tail: float = 1.0
+  flip_penalty: float = 0.0
   probe_average_decay: float = 0.0
   hidden_baseline_init: str = 'zeros'
   warmup_steps: int = 1200
@@ -215,6 +219,8 @@ class TextDiffMaskConfig:
       raise ValueError(f'--margin must be a finite number >= 0, got {self.margin}')
     if not 0.0 < self.divergence_tail <= 1.0:
       raise ValueError(f'--divergence-tail must lie in (0, 1], got {self.divergence_tail}')
+    if not (self.flip_penalty >= 0 and math.isfinite(self.flip_penalty)):
+      raise ValueError(f'--flip-penalty must be a finite number >= 0, got {self.flip_penalty}')
     if not 0.0 <= self.probe_average_decay < 1.0:
       raise ValueError(f'--probe-average-decay must lie in [0, 1), got {self.probe_average_decay}')
     if self.hidden_baseline_init not in HIDDEN_BASELINE_INITS:
@@ -277,7 +283,8 @@ class TextDiffMaskConfig:
   def diffmask_config(self) -> train.DiffMaskConfig:
     """The trainer's settings: the paper's rates, this run's gate, margin and warm-up."""
     return train.DiffMaskConfig(gate=self.gate, margin=self.margin,
-                                divergence_tail=self.divergence_tail, sparsity=self.sparsity,
+                                divergence_tail=self.divergence_tail,
+                                flip_penalty=self.flip_penalty, sparsity=self.sparsity,
                                 relaxation=self.relaxation, warmup_steps=self.warmup_steps,
                                 probe_learning_rate=self.probe_learning_rate,
                                 baseline_learning_rate=self.baseline_learning_rate,
@@ -1056,7 +1063,8 @@ EVAL_ONLY_FIELDS = ('eval_split', 'eval_batch_size', 'max_eval_examples', 'num_h
 TRAINER_CHECKED_FIELDS = ('steps',)
 # options the checkpoint's DiffMaskConfig already fingerprints, with defaults for
 # checkpoints written before the option existed (dmx.train fills those in)
-IN_DIFFMASK_CONFIG_FIELDS = ('relaxation', 'layers', 'divergence_tail', 'probe_average_decay')
+IN_DIFFMASK_CONFIG_FIELDS = ('relaxation', 'layers', 'divergence_tail', 'probe_average_decay',
+                             'flip_penalty')
 # options added after runs were checkpointed: left out of the fingerprint at
 # their defaults, so those runs still resume; any other value is fingerprinted
 FINGERPRINTED_UNLESS_DEFAULT = {'validation_sentences': 0, 'select_agreement': None,
@@ -1134,6 +1142,10 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
   parser.add_argument('--divergence-tail', type=float, default=1.0, metavar='FRACTION',
                       help='bound the mean divergence of the worst FRACTION of each batch '
                            '(default 1: the batch mean, as in the paper)')
+  parser.add_argument('--flip-penalty', type=float, default=0.0, metavar='WEIGHT',
+                      help='add WEIGHT times the log-probability ratio by which a masked pass '
+                           'beats the clean prediction to the constrained divergence, so that '
+                           'near-ties cannot flip for free (default 0: the paper\'s objective)')
   parser.add_argument('--probe-average-decay', type=float, default=0.0, metavar='DECAY',
                       help='evaluate and save the moving average of the probe\'s iterates '
                            'with this decay, e.g. 0.999 (default 0: the last iterate, as the '
@@ -1193,7 +1205,8 @@ def config_from_args(args: argparse.Namespace, task: str) -> TextDiffMaskConfig:
       batch_size=args.batch_size, max_length=args.max_length,
       eval_batch_size=args.eval_batch_size, max_train_examples=args.max_train_examples,
       max_eval_examples=args.max_eval_examples, margin=args.margin,
-      divergence_tail=args.divergence_tail, probe_average_decay=args.probe_average_decay,
+      divergence_tail=args.divergence_tail, flip_penalty=args.flip_penalty,
+      probe_average_decay=args.probe_average_decay,
       hidden_baseline_init=args.hidden_baseline_init, warmup_steps=args.warmup_steps,
       probe_learning_rate=args.probe_learning_rate,
       baseline_learning_rate=args.baseline_learning_rate, sparsity=args.sparsity,
