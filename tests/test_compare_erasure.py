@@ -129,11 +129,12 @@ def test_pipeline_end_to_end_on_a_tiny_untrained_model(tmp_path):
                             '--steps', '4', '--samples', '1', '--max-evaluations', '1000',
                             '--reinforce-reward', 'original', '--baseline-decay', '0.99',
                             '--initial-logit', '5', '--sparsity', 'log_l0', '--logit-bound', '10',
-                            '--no-progress'])
+                            '--flip-penalty', '0.5', '--no-progress'])
   report = compare_erasure.run_from_args(args)
   assert report['config']['reinforce_reward'] == 'original'
   assert (report['config']['initial_logit'], report['config']['sparsity'],
           report['config']['logit_bound']) == (5.0, 'log_l0', 10.0)
+  assert report['config']['flip_penalty'] == 0.5
   saved = json.loads((tmp_path / 'out' / 'report.json').read_text())
   assert saved['checks'] == report['checks']
   markdown = (tmp_path / 'out' / 'report.md').read_text()
@@ -155,7 +156,8 @@ def test_pipeline_end_to_end_on_a_tiny_untrained_model(tmp_path):
   assert 'dmx compare sst-erasure' in report['command'] and '--steps 4' in report['command']
   assert '--reinforce-reward original --baseline-decay 0.99' in report['command']
   assert '--initial-logit 5.0 --sparsity log_l0' in report['command']
-  assert '--logit-bound 10.0' in report['command']
+  assert '--logit-bound 10.0 --flip-penalty 0.5' in report['command']
+  assert 'KL + 0.5 x the size of a flipped prediction bounded' in markdown
   assert "the original code's estimator" in markdown
   assert 'clipped to [-10.0, 10.0]' in markdown and 'log P(gate open)' in markdown
 
@@ -248,6 +250,8 @@ def test_bad_config_is_a_one_line_error():
     compare_erasure.ErasureComparisonConfig(logit_bound=-1.0)
   with pytest.raises(ValueError, match='outside the logit bound'):
     compare_erasure.ErasureComparisonConfig(initial_logit=5.0, logit_bound=4.0)
+  with pytest.raises(ValueError, match='flip_penalty'):
+    compare_erasure.ErasureComparisonConfig(flip_penalty=-0.5)
 
 
 def test_a_given_model_and_embeddings_to_train_with_are_a_one_line_error(tmp_path):

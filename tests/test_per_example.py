@@ -76,6 +76,23 @@ def test_matches_the_exhaustive_optimum_of_the_constrained_problem(method):
 
 
 @pytest.mark.parametrize('method', METHODS)
+def test_flip_penalty_keeps_a_near_tie_that_the_kl_bound_lets_flip(method):
+  """Clean sum 1.55 (P(class 1) = 0.55); erasing the 0.1 flips it at KL 0.020 < margin 0.04."""
+  inputs = np.array([[0.9, 0.55, 0.1, 0.0]], np.float32)[..., None]
+  batch = {'inputs': jnp.asarray(inputs), 'mask': jnp.asarray([[True, True, True, False]])}
+  margin = 0.04
+  exact = erasure_search(ThresholdModel(), {}, batch, max_divergence=margin, return_optimal=True)
+  np.testing.assert_array_equal(exact.keep, [[1, 1, 1, 0]])  # the argmax needs all three
+  options = dict(key=jax.random.key(0), steps=800, margin=margin, learning_rate=0.1, samples=4)
+  free_flip = method(ThresholdModel(), {}, batch, **options)
+  np.testing.assert_array_equal(free_flip.mask, [[1, 1, 0, 0]])
+  assert not bool(free_flip.keeps_prediction[0]) and float(free_flip.divergence[0]) < margin
+  penalised = method(ThresholdModel(), {}, batch, flip_penalty=1.0, **options)
+  np.testing.assert_array_equal(penalised.mask, exact.keep)
+  assert bool(penalised.keeps_prediction[0])
+
+
+@pytest.mark.parametrize('method', METHODS)
 @pytest.mark.parametrize('initial_logit', [-1e4, 1e4])
 def test_finite_at_extreme_logits_and_confident_models(method, initial_logit):
   batch, params = one_token_batch()
@@ -214,6 +231,7 @@ def test_bias_corrected_moving_average():
     (dict(baseline_decay=1.0), 'baseline_decay'), (dict(layer_index=1), 'layer_index'),
     (dict(multiplier_init=1e6), 'multiplier_init'), (dict(optimizer='sgd'), 'optimizer'),
     (dict(reward='baseline'), 'reward'), (dict(logit_bound=0.0), 'logit_bound'),
+    (dict(flip_penalty=-1.0), 'flip_penalty'), (dict(flip_penalty=float('inf')), 'flip_penalty'),
 ])
 def test_bad_arguments_are_one_line_errors(options, match):
   batch, params = one_token_batch()

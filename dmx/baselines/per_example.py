@@ -13,7 +13,9 @@ over the logits and maximised over a per-example multiplier
 updates, as in :mod:`dmx.train`). ``E[L0]`` is in closed form (the mean over
 real positions of ``P(z != 0)``, or its log with ``sparsity='log_l0'``);
 ``E[D]`` is estimated from ``samples`` draws of the gates. They differ only in
-the gates and in how the gradient of ``E[D]`` reaches the logits:
+the gates and in how the gradient of ``E[D]`` reaches the logits (with
+``flip_penalty > 0`` both add the size of a flipped prediction to ``D_i``,
+:func:`dmx.objective.argmax_flip`, which is not the paper's problem):
 
 * :func:`per_example_diffmask`: Hard Concrete gates, reparameterised
   (pathwise) gradients, DiffMask's relaxation;
@@ -52,6 +54,8 @@ of ``chunk_steps`` and shows a progress bar.
 """
 
 from __future__ import annotations
+
+import math
 
 from typing import NamedTuple
 
@@ -143,7 +147,7 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
                       multiplier_learning_rate: float = 0.1, multiplier_max: float = 200.0,
                       dual_optimizer: str = 'lookahead_rmsprop', baseline_decay: float = 0.9,
                       reward: str = 'lagrangian', logit_bound: float | None = None,
-                      progress: bool = False, chunk_steps: int = 50,
+                      flip_penalty: float = 0.0, progress: bool = False, chunk_steps: int = 50,
                       description: str = 'per-example masks') -> PerExampleMasks:
   """Per-example gate logits for ``relaxation``, by the Lagrangian of the module docstring.
 
@@ -187,6 +191,12 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
       is unbounded below, and the bound keeps a closed REINFORCE gate within
       reach of reopening (a closed Hard Concrete gate gets no pathwise
       gradient either way). ``None``: unbounded.
+    flip_penalty: ``w >= 0``; the constraint then bounds ``E[D_i + w *
+      argmax_flip_i]`` (:func:`dmx.objective.argmax_flip`), so a sample that
+      changes the clean prediction pays for its flip however small its KL:
+      the problem moves towards exact erasure's, which keeps the argmax. 0,
+      the paper's problem, bounds the KL alone. ``divergence`` in the result
+      stays the KL.
     progress: show a progress bar (steps run in jitted chunks).
     chunk_steps: steps per jitted chunk when ``progress``.
     description: the progress bar's label.
@@ -212,6 +222,8 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
     raise ValueError(f'sparsity must be one of {objective.SPARSITY_LOSSES}, got {sparsity!r}')
   if logit_bound is not None and not logit_bound > 0:
     raise ValueError(f'logit_bound must be > 0 (or None), got {logit_bound}')
+  if not (flip_penalty >= 0 and math.isfinite(flip_penalty)):
+    raise ValueError(f'flip_penalty must be a finite number >= 0, got {flip_penalty}')
   check_layer_index(model, layer_index)
   key = jax.random.key(0) if key is None else key
   score_function = relaxation.gradient == relaxations.SCORE_FUNCTION
@@ -232,9 +244,14 @@ def per_example_masks(model: MaskableModel, params, batch: dict, *,
                               erased_state(state, gates, replacement))
 
   def divergences(gates):
-    """``(samples, batch, seq)`` gates -> ``(samples, batch)`` ``KL(clean || masked)``."""
+    """``(samples, batch, seq)`` gates -> ``(samples, batch)`` ``KL(clean || masked)``,
+    plus ``flip_penalty`` times each sample's flip."""
     outputs = jax.vmap(masked_outputs)(gates)
-    return objective.kl_divergence(clean_outputs[None], outputs)
+    divergence = objective.kl_divergence(clean_outputs[None], outputs)
+    if flip_penalty > 0:
+      flips = jax.vmap(lambda sample: objective.argmax_flip(clean_outputs, sample))(outputs)
+      divergence = divergence + flip_penalty * flips
+    return divergence
 
   def loss_fn(logits, multipliers, noise, score_average, step_count):
     gates = relaxation.sample(noise, jnp.broadcast_to(logits, noise.shape))

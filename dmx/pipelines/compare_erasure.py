@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -103,12 +104,14 @@ class ErasureComparisonConfig:
     erasure_pairs_per_call: (sentence, subset) pairs per compiled evaluation.
     seeds: keys of the per-example methods' gate noise, one run each.
     steps, margin, learning_rate, samples, initial_logit, sparsity,
-      logit_bound, multiplier_learning_rate, baseline_decay: the per-example
+      logit_bound, flip_penalty, multiplier_learning_rate, baseline_decay: the per-example
       search (see :func:`dmx.baselines.per_example.per_example_masks`), the
       same for both methods. The original's per-example code starts every
       logit at 5, clips them to [-10, 10] and penalises the mean
       ``log P(z != 0)`` (``sparsity='log_l0'``); dmx's defaults are 2, no
-      bound and the expected L0.
+      bound and the expected L0. ``flip_penalty > 0`` (not the paper's problem)
+      makes a sample that changes the prediction pay for the flip, which
+      moves both methods' problem towards exact erasure's.
     reinforce_reward: REINFORCE's estimator, ``'lagrangian'`` (dmx's: the
       multiplier scales the reward) or ``'original'`` (the original code's: a
       fixed weight of 1 on the divergence, its baseline uncorrected; it used
@@ -140,6 +143,7 @@ class ErasureComparisonConfig:
   initial_logit: float = 2.0
   sparsity: str = 'l0'
   logit_bound: float | None = None
+  flip_penalty: float = 0.0
   multiplier_learning_rate: float = 0.1
   baseline_decay: float = 0.9
   reinforce_reward: str = 'lagrangian'
@@ -174,6 +178,8 @@ class ErasureComparisonConfig:
       raise ValueError(f'sparsity must be one of {SPARSITY_LOSSES}, got {self.sparsity!r}')
     if self.logit_bound is not None and not self.logit_bound > 0:
       raise ValueError(f'logit_bound must be > 0, got {self.logit_bound}')
+    if not (self.flip_penalty >= 0 and math.isfinite(self.flip_penalty)):
+      raise ValueError(f'flip_penalty must be a finite number >= 0, got {self.flip_penalty}')
     if self.logit_bound is not None and abs(self.initial_logit) > self.logit_bound:
       raise ValueError(f'initial_logit {self.initial_logit} lies outside the logit bound '
                        f'[-{self.logit_bound}, {self.logit_bound}]')
@@ -188,6 +194,7 @@ class ErasureComparisonConfig:
     return dict(steps=self.steps, margin=self.margin, learning_rate=self.learning_rate,
                 samples=self.samples, initial_logit=self.initial_logit,
                 sparsity=self.sparsity, logit_bound=self.logit_bound,
+                flip_penalty=self.flip_penalty,
                 multiplier_learning_rate=self.multiplier_learning_rate)
 
 
@@ -536,6 +543,12 @@ def _bound_text(bound: float | None) -> str:
   return 'unbounded' if bound is None else f'clipped to [-{bound}, {bound}]'
 
 
+def _flip_text(flip_penalty: float) -> str:
+  if not flip_penalty:
+    return 'the KL alone bounded (the paper\'s problem)'
+  return f'KL + {flip_penalty} x the size of a flipped prediction bounded (not the paper\'s problem)'
+
+
 def _number(value, digits: int = 2) -> str:
   return '—' if value is None else f'{value:.{digits}f}'
 
@@ -574,7 +587,8 @@ def format_markdown(report: dict) -> str:
       f'Per-example search: {config["steps"]} steps, margin {config["margin"]}, learning rate '
       f'{config["learning_rate"]} (Adam), {config["samples"]} gate samples per step, '
       f'initial logit {config["initial_logit"]}, sparsity term {SPARSITY_NAMES[config["sparsity"]]}, '
-      f'logits {_bound_text(config["logit_bound"])}, seeds '
+      f'logits {_bound_text(config["logit_bound"])}, '
+      f'{_flip_text(config.get("flip_penalty", 0.0))}, seeds '
       f'{", ".join(map(str, config["seeds"]))} (mean ± std over seeds). REINFORCE\'s reward: '
       f'{REWARD_DESCRIPTIONS[config["reinforce_reward"]]}, baseline decay '
       f'{config["baseline_decay"]}.', '',
@@ -652,6 +666,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--logit-bound', type=float, default=defaults.logit_bound,
                       help='clip every gate logit to [-B, B] after each step (the original\'s '
                            'per-example code: 10; default: no bound)')
+  parser.add_argument('--flip-penalty', type=float, default=defaults.flip_penalty,
+                      metavar='WEIGHT',
+                      help='both methods bound KL + WEIGHT * the size of a flipped prediction '
+                           'instead of the KL alone (default 0: the paper\'s problem)')
   parser.add_argument('--reinforce-reward', choices=REWARDS,
                       default=defaults.reinforce_reward,
                       help="REINFORCE's estimator: 'lagrangian' (the multiplier scales the "
@@ -685,6 +703,8 @@ def command_line(args: argparse.Namespace) -> str:
             f'--baseline-decay {args.baseline_decay}', f'--model-epochs {args.model_epochs}']
   if args.logit_bound is not None:
     parts.append(f'--logit-bound {args.logit_bound}')
+  if args.flip_penalty:
+    parts.append(f'--flip-penalty {args.flip_penalty}')
   if args.pretrained_embeddings is not None:
     parts.append(f'--pretrained-embeddings {args.pretrained_embeddings}')
   if args.no_own_objective:
@@ -705,6 +725,7 @@ def config_from_args(args: argparse.Namespace) -> ErasureComparisonConfig:
       max_evaluations=args.max_evaluations, seeds=tuple(args.seeds), steps=args.steps,
       margin=args.margin, learning_rate=args.learning_rate, samples=args.samples,
       initial_logit=args.initial_logit, sparsity=args.sparsity, logit_bound=args.logit_bound,
+      flip_penalty=args.flip_penalty,
       model_epochs=args.model_epochs, own_objective=not args.no_own_objective,
       reinforce_reward=args.reinforce_reward, baseline_decay=args.baseline_decay,
       pretrained_embeddings=args.pretrained_embeddings)
