@@ -76,6 +76,11 @@ def output_divergence(kind: str, reference_outputs: jax.Array,
     per_head = squared_error(reference_outputs, other_outputs)
   else:
     raise ValueError(f'unknown divergence {kind!r}; choose one of {DIVERGENCES}')
+  return _sum_over_heads(per_head)
+
+
+def _sum_over_heads(per_head: jax.Array) -> jax.Array:
+  """``(batch, ...) -> (batch,)``: one value per example from one per head."""
   return per_head.reshape(per_head.shape[0], -1).sum(axis=-1)
 
 
@@ -110,7 +115,7 @@ def argmax_flip(reference_logits: jax.Array, other_logits: jax.Array) -> jax.Arr
   kept = jnp.sum(jnp.where(clean_class, safe_other, 0.0), axis=-1)
   best_rival = jnp.max(jnp.where(clean_class | ~finite, lowest, safe_other), axis=-1)
   per_head = jnp.where(best_rival > lowest, jax.nn.relu(best_rival - kept), 0.0)
-  return per_head.reshape(per_head.shape[0], -1).sum(axis=-1)
+  return _sum_over_heads(per_head)
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:

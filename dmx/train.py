@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -136,8 +137,9 @@ class DiffMaskConfig:
       raise ValueError(f'margin must be >= 0, got {self.margin}')
     if not 0.0 < self.divergence_tail <= 1.0:
       raise ValueError(f'divergence_tail must lie in (0, 1], got {self.divergence_tail}')
-    if not self.flip_penalty >= 0:  # also refuses NaN
-      raise ValueError(f'flip_penalty must be >= 0, got {self.flip_penalty}')
+    # inf * 0 would make every kept prediction's term NaN
+    if not (self.flip_penalty >= 0 and math.isfinite(self.flip_penalty)):
+      raise ValueError(f'flip_penalty must be a finite number >= 0, got {self.flip_penalty}')
     if self.flip_penalty > 0 and self.divergence != 'kl':
       raise ValueError('flip_penalty needs divergence="kl": a flip is a change of argmax class')
     for name in ('probe_learning_rate', 'baseline_learning_rate', 'multiplier_learning_rate',

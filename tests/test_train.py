@@ -169,7 +169,7 @@ def test_layer_sampling_restricted_and_slowed():
     dict(multiplier_init=300.0), dict(layers=()), dict(dual_optimizer='adam'),
     dict(divergence_tail=0.0), dict(divergence_tail=1.5),
     dict(probe_average_decay=-0.1), dict(probe_average_decay=1.0),
-    dict(flip_penalty=-0.1), dict(flip_penalty=float('nan')),
+    dict(flip_penalty=-0.1), dict(flip_penalty=float('nan')), dict(flip_penalty=float('inf')),
     dict(flip_penalty=0.1, divergence='squared_error'),
 ])
 def test_config_rejects_nonsense(overrides):
@@ -238,6 +238,22 @@ def _per_example_divergences(model, frozen, batch, probe, state, config, key, la
   return np.asarray(objective.output_divergence(config.divergence, outputs, masked), np.float64)
 
 
+def _check_constrained_term(toy_setup, probe, state, config, key, layer_index, divergence,
+                            constrained):
+  """The gradient function reports ``divergence`` and ``constrained``, and the multiplier's
+  gradient at ``layer_index`` is ``constrained - margin`` (0 elsewhere); the probe's is finite."""
+  model, frozen, batch = toy_setup
+  gradients = jax.jit(train.make_gradient_fn(model, probe, config))
+  _, aux, probe_grads, multiplier_grads, _ = gradients(state, frozen, batch, key, None,
+                                                       layer_index)
+  np.testing.assert_allclose(aux['divergence'], divergence, rtol=1e-5)
+  np.testing.assert_allclose(aux['constrained_divergence'], constrained, rtol=1e-5)
+  expected = np.zeros(len(model.state_dims))
+  expected[int(layer_index)] = constrained - config.margin
+  np.testing.assert_allclose(multiplier_grads, expected, rtol=1e-5, atol=1e-8)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(probe_grads))
+
+
 @pytest.mark.parametrize('gate', ['input', 'hidden'])
 def test_divergence_tail_constrains_the_worst_examples(toy_setup, gate):
   """With ``divergence_tail`` the multiplier's gradient is the tail mean minus the margin."""
@@ -252,13 +268,8 @@ def test_divergence_tail_constrains_the_worst_examples(toy_setup, gate):
   worst_quarter = np.sort(divergences)[::-1][:len(divergences) // 4].mean()
 
   for config, constrained in ((mean_config, divergences.mean()), (tail_config, worst_quarter)):
-    gradients = jax.jit(train.make_gradient_fn(model, probe, config))
-    _, aux, _, multiplier_grads, _ = gradients(state, frozen, batch, key, None, layer_index)
-    np.testing.assert_allclose(aux['divergence'], divergences.mean(), rtol=1e-5)
-    np.testing.assert_allclose(aux['constrained_divergence'], constrained, rtol=1e-5)
-    expected = np.zeros(len(model.state_dims))
-    expected[int(layer_index)] = constrained - margin
-    np.testing.assert_allclose(multiplier_grads, expected, rtol=1e-5, atol=1e-8)
+    _check_constrained_term(toy_setup, probe, state, config, key, layer_index,
+                            divergences.mean(), constrained)
 
 
 @pytest.mark.parametrize('gate', ['input', 'hidden'])
@@ -276,15 +287,8 @@ def test_flip_penalty_adds_the_flips_to_the_constrained_divergence(toy_setup, ga
   assert (flips > 0).any()  # some sampled masks flip, or the penalty is not exercised
 
   for config, constrained in ((plain, kl.mean()), (penalised, (kl + weight * flips).mean())):
-    gradients = jax.jit(train.make_gradient_fn(model, probe, config))
-    _, aux, probe_grads, multiplier_grads, _ = gradients(state, frozen, batch, key, None,
-                                                         layer_index)
-    np.testing.assert_allclose(aux['divergence'], kl.mean(), rtol=1e-5)
-    np.testing.assert_allclose(aux['constrained_divergence'], constrained, rtol=1e-5)
-    expected = np.zeros(len(model.state_dims))
-    expected[int(layer_index)] = constrained - margin
-    np.testing.assert_allclose(multiplier_grads, expected, rtol=1e-5, atol=1e-8)
-    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(probe_grads))
+    _check_constrained_term(toy_setup, probe, state, config, key, layer_index, kl.mean(),
+                            constrained)
 
 
 @pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])

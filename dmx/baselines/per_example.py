@@ -56,7 +56,6 @@ of ``chunk_steps`` and shows a progress bar.
 from __future__ import annotations
 
 import math
-
 from typing import NamedTuple
 
 import jax

@@ -588,7 +588,7 @@ def format_markdown(report: dict) -> str:
       f'{config["learning_rate"]} (Adam), {config["samples"]} gate samples per step, '
       f'initial logit {config["initial_logit"]}, sparsity term {SPARSITY_NAMES[config["sparsity"]]}, '
       f'logits {_bound_text(config["logit_bound"])}, '
-      f'{_flip_text(config.get("flip_penalty", 0.0))}, seeds '
+      f'{_flip_text(config["flip_penalty"])}, seeds '
       f'{", ".join(map(str, config["seeds"]))} (mean ± std over seeds). REINFORCE\'s reward: '
       f'{REWARD_DESCRIPTIONS[config["reinforce_reward"]]}, baseline decay '
       f'{config["baseline_decay"]}.', '',
